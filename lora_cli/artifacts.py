@@ -1,0 +1,148 @@
+"""What a run leaves behind: the adapter (safetensors + provenance), the resolved config, the loss plot and
+the model card. Writers here only write; they decide nothing about training."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import resource
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from lora_cli import __version__
+from lora_cli.config import RunConfig
+from lora_cli.models import Checkpoint
+
+
+def config_yaml(cfg: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def provenance(checkpoint: Checkpoint, data_fingerprint: str, cfg: RunConfig) -> dict[str, str]:
+    """Where an adapter came from; stored in the safetensors header, where it travels with the weights."""
+    return {
+        "lora_cli_version": __version__,
+        "base_model": checkpoint.model_id,
+        "base_model_sha256": checkpoint.sha256,
+        "base_model_path": str(checkpoint.path),
+        "dataset": cfg.dataset.name,
+        "dataset_fingerprint": data_fingerprint,
+        "config_sha256": hashlib.sha256(config_yaml(cfg).encode()).hexdigest(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+
+
+def save_adapter(model, tokenizer, out_dir: Path, metadata: dict[str, str]) -> None:
+    """Save a stock-peft-loadable adapter atomically: written beside, then renamed into place, so an
+    `adapter/` folder is always complete."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    model.save_pretrained(partial, safe_serialization=True)
+    (partial / "README.md").unlink(missing_ok=True)  # peft's empty template; the run's README is the card
+    tokenizer.save_pretrained(partial)
+    weights = partial / "adapter_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        header = f.metadata() or {}
+    save_file(load_file(weights), weights, metadata={**header, **metadata})
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(partial, out_dir)
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory of this process (and peak CUDA memory when on a GPU), in bytes."""
+    import torch
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+    peak = {"RSS": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    if torch.cuda.is_available():
+        peak["GPU"] = torch.cuda.max_memory_allocated()
+    return peak
+
+
+def plot_loss(train_loss: list[tuple[int, float]], eval_loss: list[tuple[int, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train_loss, strict=True), label="train", linewidth=1)
+    ax.plot(*zip(*eval_loss, strict=True), "o-", label="eval")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (per label token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+MODEL_CARD = """# {title}
+
+A {variant} adapter (r={r}, alpha={alpha}) for **{base_model}**, trained with lora-cli {version} on
+`{dataset}`.
+
+| | |
+| --- | --- |
+| base model | `{base_model}` (sha256 `{base_sha}`) |
+| base weights loaded from | `{base_path}` |
+| dataset | `{dataset}` (fingerprint `{data_fp}`) — {train_examples} train / {eval_examples} eval examples |
+| adapter | {variant}, r={r}, alpha={alpha}, dropout={dropout}, targets `{targets}`, layers `{layers}` |
+| trainable parameters | {trainable:,} of {total:,} |
+| steps | {steps} (lr {lr}, {schedule} schedule, batch {batch} x {accum} accumulation) |
+| train loss | {train_first:.4f} -> {train_last:.4f} |
+| eval loss | {eval_before:.4f} -> {eval_after:.4f} |
+| throughput | {tps:.0f} tokens/s, wall time {wall:.0f} s |
+
+![loss](loss.png)
+
+## Reproduce
+
+```bash
+{command}
+```
+
+## Use
+
+```python
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+base = AutoModelForCausalLM.from_pretrained("{base_path}")
+model = PeftModel.from_pretrained(base, "{adapter_dir}")
+tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")
+```
+
+The full resolved config is in `config.yaml`; per-step metrics in `metrics.jsonl`. Provenance (base model
+hash, dataset fingerprint, config hash, lora-cli version) is also stored in the metadata of
+`adapter/adapter_model.safetensors`.
+"""
+
+
+def write_model_card(run_dir: Path, cfg: RunConfig, result: dict, prov: dict[str, str], command: str) -> None:
+    adapter = cfg.adapter
+    text = MODEL_CARD.format(
+        title=f"{cfg.dataset.name} {adapter.name} adapter for {prov['base_model']}",
+        variant=adapter.name, r=adapter.r, alpha=adapter.alpha, dropout=adapter.dropout,
+        targets=adapter.target_modules, layers=adapter.layers if adapter.layers is not None else "all",
+        base_model=prov["base_model"], base_sha=prov["base_model_sha256"], base_path=prov["base_model_path"],
+        version=__version__, dataset=cfg.dataset.name, data_fp=prov["dataset_fingerprint"][:16],
+        train_examples=result["train_examples"], eval_examples=result["eval_examples"],
+        trainable=result["trainable_params"], total=result["total_params"], steps=result["steps"],
+        lr=cfg.trainer.lr, schedule=cfg.trainer.schedule, batch=cfg.trainer.batch_size,
+        accum=cfg.trainer.grad_accum, train_first=result["train_loss_first"],
+        train_last=result["train_loss_last"], eval_before=result["eval_loss_before"],
+        eval_after=result["eval_loss_after"], tps=result["tokens_per_s"], wall=result["wall_time_s"],
+        command=command, adapter_dir=run_dir.resolve() / "adapter")
+    (run_dir / "README.md").write_text(text)

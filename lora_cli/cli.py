@@ -1,0 +1,103 @@
+"""The `lora` command: pick the subcommand, check the overrides, hand over to Hydra.
+
+Only the standard library is imported at module level, so `lora --help` answers at once; torch,
+transformers and Hydra load inside the command that needs them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+
+from lora_cli import __version__
+from lora_cli.errors import UserError
+
+USAGE = """\
+usage: lora COMMAND [GROUP=OPTION ...] [KEY=VALUE ...]
+
+Fine-tune a frozen base model with a low-rank adapter, measure it, ship it.
+
+commands:
+  train      fine-tune: lora train recipe=banking_support [adapter.r=8 ...]  (-m sweeps comma lists)
+
+Every command takes Hydra overrides. `lora train --help` lists the config groups and every key;
+`lora train --cfg job ...` prints the composed config without running. Add debug=true to see tracebacks.
+"""
+COMMANDS = ("train",)
+
+
+def fail(message: str) -> int:
+    """A user error: one line on stderr, exit code 2."""
+    sys.stderr.write(f"lora: error: {message}\n")
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE, end="")
+        return 0
+    if args[0] == "--version":
+        print(f"lora-cli {__version__}")
+        return 0
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        near = difflib.get_close_matches(command, COMMANDS, n=1)
+        hint = f"did you mean `lora {near[0]}`? " if near else ""
+        return fail(f"unknown command {command!r}; {hint}commands: {', '.join(COMMANDS)}")
+    debug = "debug=true" in rest or bool(os.environ.get("LORA_CLI_DEBUG"))
+    try:
+        return run_train(rest)
+    except UserError as exc:
+        if debug:
+            raise
+        return fail(str(exc))
+    except KeyboardInterrupt:
+        sys.stderr.write("lora: interrupted\n")
+        return 130
+
+
+def run_train(args: list[str]) -> int:
+    """`lora train`: validate the overrides, then let Hydra compose, make the run dir and call the job."""
+    import hydra
+
+    from lora_cli import overrides
+    from lora_cli.config import register_recipes, register_schemas
+    from lora_cli.paths import shipped_dir
+
+    configs, recipes = shipped_dir("configs"), shipped_dir("recipes")
+    register_schemas()
+    register_recipes(recipes)
+    flags, _ = overrides.split_argv(args)
+    if not overrides.HELP_FLAGS.intersection(flags):
+        composed = overrides.check(configs, recipes, args)
+        if not ({"-m", "--multirun", "--cfg", "-c"} & set(flags)):
+            from lora_cli.config import to_run_config
+
+            to_run_config(composed)  # value checks (r > 0, ...) before Hydra creates a run dir
+    sys.argv = ["lora train", *args]
+    hydra.main(config_path=str(configs), config_name="train", version_base="1.3")(train_job)()
+    return 0
+
+
+def train_job(cfg) -> None:
+    """One Hydra job. User errors end it here with one line, before Hydra would print a traceback."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lora_cli.config import to_run_config
+    from lora_cli.report import quiet_libraries
+
+    quiet_libraries()
+    from lora_cli.train import train
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        run = to_run_config(cfg)
+        command = " ".join(["lora train", *hydra_cfg.overrides.task])
+        train(run, Path(hydra_cfg.runtime.output_dir), command)
+    except UserError as exc:
+        if cfg.get("debug"):
+            raise
+        sys.exit(fail(str(exc)))

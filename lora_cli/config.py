@@ -1,0 +1,205 @@
+"""Typed schemas under the YAML configs, and the checks that run before any heavy work starts.
+
+Each config group (`model`, `dataset`, `adapter`, `trainer`) maps 1:1 to a dataclass here. Hydra composes
+the YAML on top of these schemas, so a typo'd key or a wrong type fails at composition; `validate()`
+rejects values that type-check but make no sense, naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_cli.errors import UserError
+
+MODEL_SOURCES = ("embedded", "random", "pretrained")
+DTYPES = ("float32", "bfloat16", "float16")
+DATASET_FORMATS = ("messages", "columns")
+SCHEDULES = ("cosine", "linear", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+ADAPTERS = ("lora",)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _require_choice(value: str, key: str, options: tuple[str, ...]) -> None:
+    _require(value in options, f"{key}={value!r} is not valid; choose one of: {', '.join(options)}")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen base model and where its weights come from."""
+
+    # embedded: a GGUF file shipped in a Python package, converted once into the cache;
+    # random: a small model initialised from `architecture` (tests); pretrained: a hub id or local dir.
+    source: str = "pretrained"
+    # The model's identity: hub id / local dir for `pretrained`, the original hub id for `embedded`
+    # (recorded as provenance), a free name for `random`.
+    name_or_path: str = "???"
+    revision: str | None = None
+    # embedded (and `random`, which borrows the embedded model's tokenizer so tests need no download)
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    # random: LlamaConfig fields and the seed of the initialisation
+    architecture: dict[str, Any] = field(default_factory=dict)
+    init_seed: int = 0
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def validate(self) -> None:
+        _require_choice(self.source, "model.source", MODEL_SOURCES)
+        _require_choice(self.dtype, "model.dtype", DTYPES)
+        _require(self.name_or_path not in ("", "???"),
+                 "model.name_or_path is not set; pass a hub id or a local model dir, e.g. "
+                 "model=hf model.name_or_path=/path/to/model")
+        if self.source == "embedded" or self.source == "random":
+            _require(bool(self.gguf_package and self.gguf_file),
+                     f"model.source={self.source} needs model.gguf_package and model.gguf_file")
+
+
+@dataclass
+class DatasetConfig:
+    """Where the examples come from and how they become chat conversations."""
+
+    name: str = "custom"
+    # A local file or folder (a folder holds `<split>.jsonl|json|csv|parquet`), or builtin://NAME for
+    # data shipped with lora-cli. Takes precedence over hub_id.
+    path: str | None = None
+    hub_id: str | None = None
+    revision: str | None = None
+    train_split: str = "train"
+    # None: hold out `eval_size` examples of the train split (seeded, so every run holds out the same).
+    eval_split: str | None = None
+    eval_size: float = 0.1  # a count when >= 1, a fraction of train when < 1
+    # messages: a column of chat turns [{role, content}, ...]; columns: one prompt and one completion column.
+    format: str = "messages"
+    messages_column: str = "messages"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    rename_columns: dict[str, str] = field(default_factory=dict)
+    system_prompt: str | None = None
+    max_seq_len: int = 512
+    train_on_prompt: bool = False
+    max_train_examples: int | None = None
+    max_eval_examples: int | None = None
+
+    def validate(self) -> None:
+        _require_choice(self.format, "dataset.format", DATASET_FORMATS)
+        _require(bool(self.path or self.hub_id),
+                 f"dataset {self.name!r} has neither dataset.path nor dataset.hub_id; "
+                 "set dataset.path=FILE_OR_DIR")
+        _require(self.max_seq_len > 0, f"dataset.max_seq_len={self.max_seq_len} must be > 0")
+        _require(self.eval_size > 0, f"dataset.eval_size={self.eval_size} must be > 0")
+        for key in ("max_train_examples", "max_eval_examples"):
+            value = getattr(self, key)
+            _require(value is None or value > 0, f"dataset.{key}={value} must be > 0 (or null for all)")
+
+
+@dataclass
+class AdapterConfig:
+    """The low-rank adapter: which modules of which blocks, at what rank."""
+
+    name: str = "lora"
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    # Module names (e.g. [q_proj, v_proj]) or "all-linear" (every linear layer but the output head).
+    target_modules: Any = "all-linear"
+    # Indices of the transformer blocks to adapt; null = all blocks.
+    layers: list[int] | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def validate(self) -> None:
+        _require_choice(self.name, "adapter", ADAPTERS)
+        _require(self.r > 0, f"adapter.r={self.r} must be a positive integer (e.g. adapter.r=16)")
+        _require(self.alpha > 0, f"adapter.alpha={self.alpha} must be > 0 (commonly 2 * adapter.r)")
+        _require(0 <= self.dropout < 1, f"adapter.dropout={self.dropout} must be in [0, 1)")
+        targets = self.target_modules
+        _require(targets == "all-linear" or (isinstance(targets, list | tuple) and len(targets) > 0
+                                             and all(isinstance(t, str) for t in targets)),
+                 f"adapter.target_modules={targets!r} must be 'all-linear' or a non-empty list of names")
+        _require(self.layers is None or (len(self.layers) > 0 and min(self.layers) >= 0),
+                 f"adapter.layers={self.layers} must be null (all blocks) or non-negative block indices")
+
+
+@dataclass
+class TrainerConfig:
+    """The optimisation: schedule, batch, length of training, evaluation cadence."""
+
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.05
+    batch_size: int = 8
+    grad_accum: int = 1
+    # max_steps wins when set; otherwise train for `epochs` passes over the train split.
+    max_steps: int | None = None
+    epochs: float = 1.0
+    max_grad_norm: float = 1.0
+    eval_every: int = 50
+    eval_batch_size: int = 16
+    seed: int = 42
+    precision: str = "fp32"
+
+    def validate(self) -> None:
+        _require(self.lr > 0, f"trainer.lr={self.lr} must be > 0 (e.g. trainer.lr=2e-4)")
+        _require(self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be > 0")
+        _require(self.eval_batch_size > 0, f"trainer.eval_batch_size={self.eval_batch_size} must be > 0")
+        _require(self.grad_accum > 0, f"trainer.grad_accum={self.grad_accum} must be > 0")
+        _require(self.max_steps is None or self.max_steps > 0,
+                 f"trainer.max_steps={self.max_steps} must be > 0 (or null to train for trainer.epochs)")
+        _require(self.epochs > 0, f"trainer.epochs={self.epochs} must be > 0")
+        _require(0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        _require(self.max_grad_norm > 0, f"trainer.max_grad_norm={self.max_grad_norm} must be > 0")
+        _require(self.eval_every > 0, f"trainer.eval_every={self.eval_every} must be > 0")
+        _require_choice(self.schedule, "trainer.schedule", SCHEDULES)
+        _require_choice(self.precision, "trainer.precision", PRECISIONS)
+
+
+@dataclass
+class RunConfig:
+    """One `lora train` run: the four groups plus run-level switches."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    debug: bool = False  # show Python tracebacks for user errors
+
+    def validate(self) -> RunConfig:
+        for group in (self.model, self.dataset, self.adapter, self.trainer):
+            group.validate()
+        return self
+
+
+def register_schemas() -> None:
+    """Put the schema under the primary config (`train.yaml` lists `run_schema` first in its defaults)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def register_recipes(recipes_dir) -> None:
+    """Recipes live in their own folder but act as the `recipe` config group, applied at global scope."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    store = ConfigStore.instance()
+    for path in sorted(recipes_dir.glob("*.yaml")):
+        store.store(group="recipe", name=path.stem, node=OmegaConf.load(path), package="_global_")
+
+
+def to_run_config(cfg) -> RunConfig:
+    """Turn Hydra's composed DictConfig into typed objects, running every value check."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"invalid config: {str(exc).splitlines()[0]}") from None
+    return run.validate()

@@ -1,0 +1,258 @@
+"""Data: load rows with `datasets`, turn each into a chat conversation, tokenise it with the model's own
+chat template, mask the prompt out of the labels, and collate batches.
+
+The chat template is the one source of truth for formatting: training, eval and generation all render
+conversations through it, and it is saved with the adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lora_cli.config import DatasetConfig
+from lora_cli.errors import UserError
+from lora_cli.paths import PACKAGE_DIR
+
+IGNORE_INDEX = -100
+BUILTIN_PREFIX = "builtin://"
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+HOLDOUT_SEED = 0  # the held-out eval split must not move when the training seed changes
+
+
+@dataclass
+class TokenizedSplit:
+    """Tokenised examples of one split, with what happened on the way."""
+
+    examples: list[dict] = field(default_factory=list)  # {"input_ids": [...], "labels": [...]}
+    rows: int = 0
+    truncated: int = 0
+    dropped: int = 0  # no trainable label token left after truncation
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(e["input_ids"]) for e in self.examples)
+
+    @property
+    def label_tokens(self) -> int:
+        return sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in self.examples)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_path(path: str) -> Path:
+    if path.startswith(BUILTIN_PREFIX):
+        return PACKAGE_DIR / "assets" / path.removeprefix(BUILTIN_PREFIX)
+    return Path(path).expanduser()
+
+
+def _split_file(folder: Path, split: str) -> Path:
+    for suffix in FILE_BUILDERS:
+        candidate = folder / f"{split}{suffix}"
+        if candidate.is_file():
+            return candidate
+    present = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in FILE_BUILDERS)) or "none"
+    raise UserError(f"no {split} file in {folder} (looked for {split}.jsonl/.json/.csv/.parquet; "
+                    f"data files present: {present}); set dataset.train_split/eval_split to match")
+
+
+def _load_file(path: Path):
+    from datasets import load_dataset
+
+    if not path.is_file():
+        raise UserError(f"dataset file {path} does not exist; check dataset.path")
+    builder = FILE_BUILDERS.get(path.suffix)
+    if builder is None:
+        raise UserError(f"dataset file {path}: unsupported type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset file {path} is empty")
+    try:
+        return load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:
+        raise UserError(f"could not read dataset file {path}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load_hub(cfg: DatasetConfig, split: str):
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(cfg.hub_id, split=split, revision=cfg.revision)
+    except Exception as exc:
+        raise UserError(f"could not load dataset {cfg.hub_id!r} split {split!r} from the hub "
+                        f"({type(exc).__name__}); set dataset.path to a local copy") from None
+
+
+def load_split(cfg: DatasetConfig, split: str):
+    """One split as a `datasets.Dataset`, from a local file, a local folder, or the hub."""
+    if cfg.path:
+        path = resolve_path(cfg.path)
+        if path.is_dir():
+            path = _split_file(path, split)
+        elif split != cfg.train_split:
+            raise UserError(f"dataset.path={cfg.path} is a single file, which holds only the train split; "
+                            f"point dataset.path at a folder with {split} data, or set dataset.eval_split=null")
+        ds = _load_file(path)
+    else:
+        ds = _load_hub(cfg, split)
+    return _normalise_columns(ds, cfg)
+
+
+def _normalise_columns(ds, cfg: DatasetConfig):
+    from datasets import ClassLabel
+
+    renames = {old: new for old, new in cfg.rename_columns.items() if old in ds.column_names}
+    ds = ds.rename_columns(renames) if renames else ds
+    for name, feature in ds.features.items():
+        if isinstance(feature, ClassLabel):  # e.g. the hub's Banking77 stores intents as class ids
+            names = feature.names
+            ds = ds.map(lambda row, n=name, names=names: {n: names[row[n]]})
+    return ds
+
+
+def load_train_eval(cfg: DatasetConfig):
+    """(train, eval) datasets; without an eval split, a fixed held-out slice of train."""
+    train = load_split(cfg, cfg.train_split)
+    if cfg.eval_split:
+        evaluation = load_split(cfg, cfg.eval_split)
+    else:
+        size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
+        if len(train) < 2 or (isinstance(size, int) and size >= len(train)):
+            raise UserError(f"dataset.eval_size={cfg.eval_size} leaves no training data out of {len(train)} "
+                            "rows; lower it or set dataset.eval_split")
+        parts = train.train_test_split(test_size=size, seed=HOLDOUT_SEED, shuffle=True)
+        train, evaluation = parts["train"], parts["test"]
+    if cfg.max_train_examples:
+        train = train.select(range(min(cfg.max_train_examples, len(train))))
+    if cfg.max_eval_examples:
+        evaluation = evaluation.select(range(min(cfg.max_eval_examples, len(evaluation))))
+    return train, evaluation
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def to_messages(row: dict, cfg: DatasetConfig) -> list[dict]:
+    """A row as chat turns, with the dataset's system prompt first (unless the row brings its own)."""
+    if cfg.format == "messages":
+        messages = [{"role": m["role"], "content": m["content"]} for m in row[cfg.messages_column]]
+    else:
+        messages = [{"role": "user", "content": str(row[cfg.prompt_column])},
+                    {"role": "assistant", "content": str(row[cfg.completion_column])}]
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages
+
+
+def check_columns(ds, cfg: DatasetConfig, where: str) -> None:
+    needed = [cfg.messages_column] if cfg.format == "messages" else [cfg.prompt_column, cfg.completion_column]
+    missing = [c for c in needed if c not in ds.column_names]
+    if missing:
+        keys = "dataset.messages_column" if cfg.format == "messages" else \
+            "dataset.prompt_column/completion_column"
+        raise UserError(f"{where}: column(s) {', '.join(missing)} not found (columns present: "
+                        f"{', '.join(ds.column_names)}); set {keys} or dataset.format")
+    if len(ds) == 0:
+        raise UserError(f"{where} has no rows")
+
+
+def fingerprint(conversations: list[list[dict]]) -> str:
+    """A content hash of the formatted data: the same conversations give the same fingerprint."""
+    digest = hashlib.sha256()
+    for messages in conversations:
+        digest.update(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- tokenising
+
+
+def tokenize_conversation(messages: list[dict], tokenizer, train_on_prompt: bool) -> dict:
+    """Token ids and labels of one conversation, rendered turn by turn with the chat template.
+
+    Each turn's text is the difference between the rendering of the conversation up to it and up to the
+    turn before, so the token stream is exactly what the template produces, and assistant contents
+    (with their end-of-turn token) are the only labels unless `train_on_prompt`."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+
+    def append(text: str, trainable: bool) -> None:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids.extend(ids)
+        labels.extend(ids if trainable or train_on_prompt else [IGNORE_INDEX] * len(ids))
+
+    for i, message in enumerate(messages):
+        is_reply = message["role"] == "assistant"
+        if is_reply:  # the "<|im_start|>assistant\n" header is prompt, not something to learn
+            header = _render(tokenizer, messages[:i], add_generation_prompt=True, prefix=rendered)
+            append(header[len(rendered):], trainable=False)
+            rendered = header
+        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, prefix=rendered)
+        append(full[len(rendered):], trainable=is_reply)
+        rendered = full
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, prefix: str) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    if not text.startswith(prefix):
+        raise UserError("the model's chat template renders earlier turns differently once later turns are "
+                        "added, so prompt and reply tokens cannot be told apart; use single-turn data")
+    return text
+
+
+def tokenize_split(conversations: list[list[dict]], tokenizer, cfg: DatasetConfig) -> TokenizedSplit:
+    """Tokenise, truncate to `max_seq_len`, and drop examples left with nothing to learn."""
+    split = TokenizedSplit(rows=len(conversations))
+    for messages in conversations:
+        example = tokenize_conversation(messages, tokenizer, cfg.train_on_prompt)
+        if len(example["input_ids"]) > cfg.max_seq_len:
+            split.truncated += 1
+            example = {k: v[: cfg.max_seq_len] for k, v in example.items()}
+        if all(t == IGNORE_INDEX for t in example["labels"][1:]):  # position 0 is never predicted
+            split.dropped += 1
+            continue
+        split.examples.append(example)
+    return split
+
+
+def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSplit, str]:
+    """Train and eval splits, tokenised, plus the data fingerprint. Fails loudly on empty results."""
+    train_rows, eval_rows = load_train_eval(cfg)
+    splits, fingerprints = [], []
+    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+        where = f"dataset {cfg.name!r} ({name} split)"
+        check_columns(rows, cfg, where)
+        conversations = [to_messages(row, cfg) for row in rows]
+        split = tokenize_split(conversations, tokenizer, cfg)
+        if not split.examples:
+            raise UserError(f"{where}: all {split.rows} examples have no reply tokens left within "
+                            f"dataset.max_seq_len={cfg.max_seq_len}; raise it")
+        splits.append(split)
+        fingerprints.append(fingerprint(conversations))
+    digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
+    return splits[0], splits[1], digest
+
+
+def collate(examples: list[dict], pad_id: int) -> dict:
+    """Right-pad a batch to its longest example; padding is masked out of attention and labels."""
+    import torch
+
+    width = max(len(e["input_ids"]) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        input_ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        attention_mask[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

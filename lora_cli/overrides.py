@@ -1,0 +1,125 @@
+"""Check command-line overrides before Hydra runs, so a typo is one line that names the nearest valid key
+or option, not a multi-line composition error after a run dir was made."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from lora_cli.errors import UserError
+
+# Hydra flags that take the next argument as their value.
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                    "--config-dir", "-cd", "--experimental-rerun"}
+HELP_FLAGS = {"--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+
+
+def split_argv(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, overrides)."""
+    flags, overrides = [], []
+    take_value = False
+    for arg in args:
+        if take_value or arg.startswith("-"):
+            flags.append(arg)
+            take_value = arg in FLAGS_WITH_VALUE
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def group_options(configs_dir: Path, recipes_dir: Path) -> dict[str, list[str]]:
+    groups = {d.name: sorted(p.stem for p in d.glob("*.yaml")) for d in configs_dir.iterdir() if d.is_dir()}
+    groups["recipe"] = sorted(p.stem for p in recipes_dir.glob("*.yaml"))
+    return groups
+
+
+def _values(override) -> list[str]:
+    if override.is_sweep_override():
+        return [str(v) for v in override.sweep_string_iterator()]
+    return [override.get_value_element_as_str()]
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in node.keys():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            keys.extend(_leaf_keys(child, full + "."))
+    return keys
+
+
+def _key_exists(cfg, key: str) -> bool:
+    from omegaconf import DictConfig
+
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return True
+
+
+def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: str = "train"):
+    """Validate overrides against the config tree; returns the composed config (first sweep values)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    flags, overrides = split_argv(args)
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise UserError(f"cannot parse overrides: {str(exc).splitlines()[0]}") from None
+    groups = group_options(configs_dir, recipes_dir)
+    group_choices, all_choices, key_overrides = [], [], []
+    for override in parsed:
+        key = override.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        values = _values(override)
+        # Sweeps are checked by key here and by value in each job; compose with the first value.
+        first = override.input_line if override.is_delete() else f"{override.get_key_element()}={values[0]}"
+        all_choices.append(first)
+        if key in groups and override.package is None:
+            _check_group(key, values, groups[key])
+            group_choices.append(first)
+        elif not override.is_add() and not override.is_delete():
+            key_overrides.append(key)
+    with initialize_config_dir(str(configs_dir), version_base="1.3"):
+        try:
+            skeleton = compose(config_name, overrides=group_choices)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise UserError(f"invalid config: {_one_line(exc)}") from None
+        known = _leaf_keys(skeleton)
+        for key in key_overrides:
+            if not _key_exists(skeleton, key):
+                near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+                hint = f"did you mean {near[0]}? " if near else ""
+                raise UserError(f"unknown config key {key!r}; {hint}"
+                                "(`lora train --help` lists every key)")
+        try:
+            return compose(config_name, overrides=all_choices)
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise UserError(f"invalid override: {_one_line(exc)}") from None
+
+
+def _check_group(group: str, values: list[str], options: list[str]) -> None:
+    for value in values:
+        if value not in options and value != "null":
+            near = difflib.get_close_matches(value, options, n=1)
+            hint = f"did you mean {group}={near[0]}? " if near else ""
+            raise UserError(f"{group}={value}: no such {group}; {hint}options: {', '.join(options)}")
+
+
+def _one_line(exc: Exception) -> str:
+    """Hydra and OmegaConf errors span lines; keep the message and the key it names."""
+    cause = exc.__cause__ or exc
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
+    message = lines[0] if lines else type(exc).__name__
+    return f"{message} (key: {full_key})" if full_key and full_key not in message else message

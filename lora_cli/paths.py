@@ -1,0 +1,22 @@
+"""Where shipped files and the user cache live, in a checkout and in an installed wheel alike."""
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def shipped_dir(name: str) -> Path:
+    """`configs/`, `recipes/`: inside the package in a wheel, at the top of the repo in a checkout."""
+    for candidate in (PACKAGE_DIR / name, PACKAGE_DIR.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"lora-cli is installed without its {name}/ folder; reinstall the package")
+
+
+def cache_dir() -> Path:
+    """$LORA_CLI_CACHE, else $XDG_CACHE_HOME/lora-cli, else ~/.cache/lora-cli."""
+    if os.environ.get("LORA_CLI_CACHE"):
+        return Path(os.environ["LORA_CLI_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg).expanduser() / "lora-cli"

@@ -1,0 +1,87 @@
+"""What the user sees in the terminal: the progress bar while training and the closing summary table."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.table import Table
+
+console = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+
+@contextmanager
+def progress_bar(total: int, disable: bool = False):
+    """A rich bar showing step, loss, lr, tokens/s, latest eval loss and ETA."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"
+                   "  eval {task.fields[eval_loss]:.4f}"),
+        TextColumn("ETA"), TimeRemainingColumn(),
+        console=console, disable=disable)
+    task = progress.add_task("train", total=total, loss=float("nan"), lr=0.0, tps=0.0, eval_loss=float("nan"))
+    with progress:
+        yield progress, task
+
+
+def print_data_plan(train, evaluation, steps: int, trainable: int, total: int) -> None:
+    skipped = f"{train.truncated + evaluation.truncated} truncated, {train.dropped + evaluation.dropped} dropped"
+    console.print(f"data: {len(train.examples)} train / {len(evaluation.examples)} eval examples "
+                  f"({train.tokens:,} train tokens, {train.label_tokens:,} with labels; {skipped}) | "
+                  f"{steps} steps | trainable params {trainable:,} of {total:,}")
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def print_summary(result: dict) -> None:
+    table = Table(title="lora train: summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    memory = ", ".join(f"{k} {format_bytes(v)}" for k, v in result["peak_memory"].items())
+    rows = [
+        ("steps", f"{result['steps']}"),
+        ("adapter", f"{result['variant']} r={result['r']}"),
+        ("train loss", f"{result['train_loss_first']:.4f} -> {result['train_loss_last']:.4f}"),
+        ("eval loss", f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}"),
+        ("tokens/s", f"{result['tokens_per_s']:.0f}"),
+        ("wall time", f"{result['wall_time_s']:.1f} s"),
+        ("peak memory", memory),
+        ("trainable params", f"{result['trainable_params']:,} of {result['total_params']:,} "
+                             f"({100 * result['trainable_params'] / result['total_params']:.2f}%)"),
+        ("examples", f"{result['train_examples']} train, {result['eval_examples']} eval "
+                     f"({result['truncated']} truncated, {result['dropped']} dropped)"),
+        ("adapter path", f"{result['run_dir']}/adapter"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    stdout.print(table)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress bar: libraries' bars and info logs go, warnings stay."""
+    import logging
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    for name in ("matplotlib", "bitsandbytes", "accelerate", "peft", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
