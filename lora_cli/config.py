@@ -198,6 +198,9 @@ def to_run_config(cfg) -> RunConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise UserError(f"{missing[0]} is not set; add {missing[0]}=VALUE to the command")
     try:
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:

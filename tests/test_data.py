@@ -1,0 +1,102 @@
+"""Formatting and tokenising: the chat template is the only formatter, and only replies carry labels."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import compose_run
+
+from lora_cli.data import IGNORE_INDEX, collate, prepare, to_messages, tokenize_conversation, tokenize_split
+from lora_cli.errors import UserError
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "I lost my card"},
+        {"role": "assistant", "content": "lost_or_stolen_card\nFreeze it in the app."}]
+
+
+def label_text(tokenizer, example) -> str:
+    return tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])
+
+
+def test_only_the_reply_and_its_end_of_turn_are_labels(tokenizer):
+    example = tokenize_conversation(CHAT, tokenizer, train_on_prompt=False)
+    assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(CHAT, tokenize=False)
+    assert label_text(tokenizer, example) == "lost_or_stolen_card\nFreeze it in the app.<|im_end|>\n"
+    assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_train_on_prompt_labels_everything(tokenizer):
+    example = tokenize_conversation(CHAT, tokenizer, train_on_prompt=True)
+    assert example["labels"] == example["input_ids"]
+
+
+def test_every_assistant_turn_of_a_multi_turn_chat_is_learned(tokenizer):
+    chat = CHAT + [{"role": "user", "content": "thanks"}, {"role": "assistant", "content": "You're welcome."}]
+    text = label_text(tokenizer, tokenize_conversation(chat, tokenizer, train_on_prompt=False))
+    assert text == "lost_or_stolen_card\nFreeze it in the app.<|im_end|>\nYou're welcome.<|im_end|>\n"
+
+
+def test_pad_token_is_not_eos(tokenizer):
+    assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
+
+
+def test_columns_format_becomes_a_chat_with_the_system_prompt():
+    cfg = compose_run(["dataset=csv", "dataset.path=x.csv", "dataset.system_prompt=S"]).dataset
+    assert to_messages({"prompt": "hi", "completion": "hello"}, cfg) == [
+        {"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}]
+
+
+def test_truncation_is_counted_and_empty_examples_dropped(tokenizer):
+    cfg = compose_run(["dataset.max_seq_len=40"]).dataset
+    long_reply = CHAT[:2] + [{"role": "assistant", "content": "word " * 100}]
+    no_room = [{"role": "system", "content": "context " * 60}] + CHAT[1:]
+    split = tokenize_split([CHAT, long_reply, no_room], tokenizer, cfg)
+    assert split.rows == 3 and split.truncated == 2 and split.dropped == 1
+    assert all(len(e["input_ids"]) <= 40 for e in split.examples)
+
+
+def test_collate_pads_right_and_masks_padding(tokenizer):
+    a = tokenize_conversation(CHAT, tokenizer, False)
+    b = tokenize_conversation(CHAT[:2] + [{"role": "assistant", "content": "ok"}], tokenizer, False)
+    batch = collate([a, b], pad_id=tokenizer.pad_token_id)
+    n = len(b["input_ids"])
+    assert batch["attention_mask"][1, :n].all() and not batch["attention_mask"][1, n:].any()
+    assert (batch["labels"][1, n:] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][1, n:] == tokenizer.pad_token_id).all()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_folder_with_train_and_eval_files_and_a_fingerprint(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": CHAT[1:]}] * 5)
+    write_jsonl(tmp_path / "eval.jsonl", [{"messages": CHAT[1:]}] * 2)
+    cfg = compose_run(["dataset=jsonl", f"dataset.path={tmp_path}", "dataset.eval_split=eval"]).dataset
+    train, evaluation, fingerprint = prepare(cfg, tokenizer)
+    assert len(train.examples) == 5 and len(evaluation.examples) == 2
+    assert fingerprint == prepare(cfg, tokenizer)[2]
+    write_jsonl(tmp_path / "eval.jsonl", [{"messages": CHAT}] * 2)
+    assert fingerprint != prepare(cfg, tokenizer)[2]
+
+
+def test_held_out_eval_split_is_fixed_and_disjoint(tmp_path, tokenizer):
+    rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(40)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = compose_run(["dataset=jsonl", f"dataset.path={tmp_path / 'd.jsonl'}", "dataset.format=columns",
+                       "dataset.eval_size=10"]).dataset
+    train, evaluation, _ = prepare(cfg, tokenizer)
+    assert len(train.examples) == 30 and len(evaluation.examples) == 10
+    seen = {tuple(e["input_ids"]) for e in train.examples}
+    assert not seen & {tuple(e["input_ids"]) for e in evaluation.examples}
+    assert [e["input_ids"] for e in prepare(cfg, tokenizer)[1].examples] == \
+        [e["input_ids"] for e in evaluation.examples]
+
+
+def test_missing_columns_are_named(tmp_path, tokenizer):
+    write_jsonl(tmp_path / "d.jsonl", [{"question": "q", "answer": "a"}] * 4)
+    cfg = compose_run(["dataset=jsonl", f"dataset.path={tmp_path / 'd.jsonl'}", "dataset.format=columns",
+                       "dataset.eval_size=1"]).dataset
+    with pytest.raises(UserError, match="prompt, completion not found.*question, answer"):
+        prepare(cfg, tokenizer)

