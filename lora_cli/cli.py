@@ -95,8 +95,12 @@ def train_job(cfg) -> None:
     hydra_cfg = HydraConfig.get()
     try:
         run = to_run_config(cfg)
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        if (run_dir / "adapter").exists():  # never overwrite a finished run
+            raise UserError(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir "
+                            "or move that run away")
         command = " ".join(["lora train", *hydra_cfg.overrides.task])
-        train(run, Path(hydra_cfg.runtime.output_dir), command)
+        train(run, run_dir, command)
     except UserError as exc:
         if cfg.get("debug"):
             raise

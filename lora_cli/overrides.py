@@ -43,7 +43,7 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:
     from omegaconf import DictConfig
 
     keys = []
-    for key in node.keys():
+    for key in node:
         full = f"{prefix}{key}"
         keys.append(full)
         child = node._get_node(key)
@@ -57,7 +57,7 @@ def _key_exists(cfg, key: str) -> bool:
 
     node = cfg
     for part in key.split("."):
-        if not isinstance(node, DictConfig) or part not in node:
+        if not isinstance(node, DictConfig) or part not in node.keys():  # noqa: SIM118 (`in` skips ??? values)
             return False
         node = node._get_node(part)
     return True

@@ -142,7 +142,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
 
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = run_dir / "metrics.jsonl"
-    metrics_file = open(metrics_path, "a") if is_main else None  # noqa: SIM115 (closed below)
+    metrics_file = open(metrics_path, "w") if is_main else None  # noqa: SIM115 (closed below)
 
     def log(record: dict) -> None:
         if metrics_file:
