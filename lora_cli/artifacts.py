@@ -4,7 +4,6 @@ the model card. Writers here only write; they decide nothing about training."""
 from __future__ import annotations
 
 import hashlib
-import os
 import resource
 import shutil
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 from lora_cli import __version__
 from lora_cli.config import RunConfig
 from lora_cli.models import Checkpoint
+from lora_cli.paths import publish, staging_dir
 
 
 def config_yaml(cfg: RunConfig) -> str:
@@ -46,17 +46,18 @@ def save_adapter(model, tokenizer, out_dir: Path, metadata: dict[str, str]) -> N
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    model.save_pretrained(partial, safe_serialization=True)
-    (partial / "README.md").unlink(missing_ok=True)  # peft's empty template; the run's README is the card
-    tokenizer.save_pretrained(partial)
-    weights = partial / "adapter_model.safetensors"
-    with safe_open(weights, "pt") as f:
-        header = f.metadata() or {}
-    save_file(load_file(weights), weights, metadata={**header, **metadata})
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(partial, out_dir)
+    partial = staging_dir(out_dir)
+    try:
+        model.save_pretrained(partial, safe_serialization=True)
+        (partial / "README.md").unlink(missing_ok=True)  # peft's empty template; the run's README is the card
+        tokenizer.save_pretrained(partial)
+        weights = partial / "adapter_model.safetensors"
+        with safe_open(weights, "pt") as f:
+            header = f.metadata() or {}
+        save_file(load_file(weights), weights, metadata={**header, **metadata})
+        publish(partial, out_dir)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def peak_memory() -> dict[str, float]:

@@ -21,11 +21,17 @@ Fine-tune a frozen base model with a low-rank adapter, measure it, ship it.
 
 commands:
   train      fine-tune: lora train recipe=banking_support [adapter.r=8 ...]  (-m sweeps comma lists)
+  eval       adapter vs base model: lora eval run=RUN_DIR [dataset.eval_split=test eval.max_samples=200 ...]
+  generate   try it: lora generate run=RUN_DIR prompt="I lost my card"  (no prompt: chat; adapter=false: base)
+  merge      ship it: lora merge run=RUN_DIR output=OUT_DIR  (verified full checkpoint, no peft needed to load)
 
 Every command takes Hydra overrides. `lora train --help` lists the config groups and every key;
 `lora train --cfg job ...` prints the composed config without running. Add debug=true to see tracebacks.
 """
-COMMANDS = ("train",)
+COMMANDS = ("train", "eval", "generate", "merge")
+# Arguments of the commands that read a finished run; everything else is a config override.
+NAMED_ARGS = {"eval": ("run",), "generate": ("run", "prompt"), "merge": ("run", "output")}
+REQUIRED_ARGS = {"eval": ("run",), "generate": ("run",), "merge": ("run", "output")}
 
 
 def fail(message: str) -> int:
@@ -49,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"unknown command {command!r}; {hint}commands: {', '.join(COMMANDS)}")
     debug = "debug=true" in rest or bool(os.environ.get("LORA_CLI_DEBUG"))
     try:
-        return run_train(rest)
+        return run_train(rest) if command == "train" else run_on_finished_run(command, rest)
     except UserError as exc:
         if debug:
             raise
@@ -105,3 +111,48 @@ def train_job(cfg) -> None:
         if cfg.get("debug"):
             raise
         sys.exit(fail(str(exc)))
+
+
+def take_named(args: list[str], names: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+    """Split `name=value` command arguments (values may contain '=') from config overrides."""
+    named, rest = {}, []
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if sep and name in names:
+            named[name] = value
+        else:
+            rest.append(arg)
+    return named, rest
+
+
+def run_on_finished_run(command: str, args: list[str]) -> int:
+    """`lora eval|generate|merge run=RUN_DIR ...`: the run's config plus overrides, then the command."""
+    named, rest = take_named(args, NAMED_ARGS[command])
+    missing = [name for name in REQUIRED_ARGS[command] if not named.get(name)]
+    if missing:
+        usage = " ".join(f"{name}=..." for name in REQUIRED_ARGS[command])
+        raise UserError(f"lora {command} needs {', '.join(missing)}=; usage: lora {command} {usage} [KEY=VALUE ...]")
+    run_dir = Path(named["run"]).expanduser()
+    if not run_dir.is_dir():
+        raise UserError(f"run={run_dir}: no such directory; pass the run dir that `lora train` wrote")
+    # `adapter=false` reads naturally on the generate command line; it is generate.adapter.
+    rest = [f"generate.{a}" if command == "generate" and a.split("=")[0] == "adapter" else a for a in rest]
+
+    from lora_cli.report import quiet_libraries
+    from lora_cli.runs import load_run_config
+
+    quiet_libraries()
+    cfg = load_run_config(run_dir, rest)
+    if command == "eval":
+        from lora_cli.evaluate import evaluate_run
+
+        evaluate_run(run_dir, cfg)
+    elif command == "generate":
+        from lora_cli.generate import generate
+
+        generate(run_dir, cfg, named.get("prompt"))
+    else:
+        from lora_cli.merge import merge_run
+
+        merge_run(run_dir, Path(named["output"]).expanduser(), cfg, " ".join(["lora", command, *args]))
+    return 0

@@ -17,6 +17,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DATASET_FORMATS = ("messages", "columns")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
+TASK_METRICS = ("exact_match", "token_f1")
 ADAPTERS = ("lora",)
 
 
@@ -85,9 +86,13 @@ class DatasetConfig:
     train_on_prompt: bool = False
     max_train_examples: int | None = None
     max_eval_examples: int | None = None
+    # How `lora eval` scores generated replies: exact_match compares the reply's first line (a label) with
+    # the gold one; token_f1 scores free-form replies by word overlap.
+    task_metric: str = "token_f1"
 
     def validate(self) -> None:
         _require_choice(self.format, "dataset.format", DATASET_FORMATS)
+        _require_choice(self.task_metric, "dataset.task_metric", TASK_METRICS)
         _require(bool(self.path or self.hub_id),
                  f"dataset {self.name!r} has neither dataset.path nor dataset.hub_id; "
                  "set dataset.path=FILE_OR_DIR")
@@ -161,6 +166,53 @@ class TrainerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """`lora eval`: how much to evaluate and how to generate the replies it scores (greedy)."""
+
+    max_samples: int | None = None  # first N examples of the eval split; null = all
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    show_samples: int = 5  # sample generations printed and kept in eval.json
+
+    def validate(self) -> None:
+        _require(self.max_samples is None or self.max_samples > 0, f"eval.max_samples={self.max_samples} must be > 0")
+        _require(self.batch_size > 0, f"eval.batch_size={self.batch_size} must be > 0")
+        _require(self.max_new_tokens > 0, f"eval.max_new_tokens={self.max_new_tokens} must be > 0")
+        _require(self.show_samples >= 0, f"eval.show_samples={self.show_samples} must be >= 0")
+
+
+@dataclass
+class GenerateConfig:
+    """`lora generate`: sampling settings and whether the adapter is on."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    adapter: bool = True  # false: the base model alone, to compare
+
+    def validate(self) -> None:
+        _require(self.max_new_tokens > 0, f"generate.max_new_tokens={self.max_new_tokens} must be > 0")
+        _require(self.temperature >= 0, f"generate.temperature={self.temperature} must be >= 0")
+        _require(0 < self.top_p <= 1, f"generate.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class MergeConfig:
+    """`lora merge`: the saved weights' dtype and the parity check that must pass before anything is kept."""
+
+    dtype: str = "float32"
+    tolerance: float = 1e-4  # max abs logit difference, merged vs base + adapter, in fp32
+    probes: int = 4  # eval examples used as probe inputs
+    overwrite: bool = False
+    max_shard_size: str = "2GB"
+
+    def validate(self) -> None:
+        _require_choice(self.dtype, "merge.dtype", DTYPES)
+        _require(self.tolerance > 0, f"merge.tolerance={self.tolerance} must be > 0")
+        _require(self.probes > 0, f"merge.probes={self.probes} must be > 0")
+
+
+@dataclass
 class RunConfig:
     """One `lora train` run: the four groups plus run-level switches."""
 
@@ -168,10 +220,13 @@ class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
     debug: bool = False  # show Python tracebacks for user errors
 
     def validate(self) -> RunConfig:
-        for group in (self.model, self.dataset, self.adapter, self.trainer):
+        for group in (self.model, self.dataset, self.adapter, self.trainer, self.eval, self.generate, self.merge):
             group.validate()
         return self
 

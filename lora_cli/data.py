@@ -129,11 +129,14 @@ def load_train_eval(cfg: DatasetConfig):
                             "rows; lower it or set dataset.eval_split")
         parts = train.train_test_split(test_size=size, seed=HOLDOUT_SEED, shuffle=True)
         train, evaluation = parts["train"], parts["test"]
-    if cfg.max_train_examples:
-        train = train.select(range(min(cfg.max_train_examples, len(train))))
-    if cfg.max_eval_examples:
-        evaluation = evaluation.select(range(min(cfg.max_eval_examples, len(evaluation))))
-    return train, evaluation
+    return sample(train, cfg.max_train_examples), sample(evaluation, cfg.max_eval_examples)
+
+
+def sample(ds, n: int | None):
+    """A fixed random subset of n rows (files are often sorted by label, so the first n would not do)."""
+    if not n or n >= len(ds):
+        return ds
+    return ds.shuffle(seed=HOLDOUT_SEED).select(range(n))
 
 
 # ---------------------------------------------------------------- formatting

@@ -12,15 +12,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.config import ModelConfig
 from lora_cli.errors import UserError
-from lora_cli.paths import cache_dir
+from lora_cli.paths import cache_dir, publish, staging_dir
 
 SOURCE_FILE = "lora_cli_source.json"  # written last into a cache entry: its presence means "complete"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -81,13 +79,11 @@ def _cached(name: str, build, source: dict) -> Path:
     target = cache_dir() / "models" / name
     if (target / SOURCE_FILE).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = staging_dir(target)
     try:
         build(tmp)
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
-        shutil.rmtree(target, ignore_errors=True)  # an incomplete leftover, never a finished entry
-        os.replace(tmp, target)
+        publish(tmp, target)  # replaces only an incomplete leftover, never a finished entry
     except OSError:
         if not (target / SOURCE_FILE).is_file():
             raise

@@ -33,6 +33,16 @@ def group_options(configs_dir: Path, recipes_dir: Path) -> dict[str, list[str]]:
     return groups
 
 
+def parse(overrides: list[str]):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise UserError(f"cannot parse overrides: {str(exc).splitlines()[0]}") from None
+
+
 def _values(override) -> list[str]:
     if override.is_sweep_override():
         return [str(v) for v in override.sweep_string_iterator()]
@@ -52,6 +62,14 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:
     return keys
 
 
+def check_key(cfg, key: str) -> None:
+    """A key that is not in the config is a typo until proven otherwise: name the nearest one."""
+    if not _key_exists(cfg, key):
+        near = difflib.get_close_matches(key, _leaf_keys(cfg), n=1, cutoff=0.5)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise UserError(f"unknown config key {key!r}; {hint}(`lora train --help` lists every key)")
+
+
 def _key_exists(cfg, key: str) -> bool:
     from omegaconf import DictConfig
 
@@ -66,15 +84,11 @@ def _key_exists(cfg, key: str) -> bool:
 def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: str = "train"):
     """Validate overrides against the config tree; returns the composed config (first sweep values)."""
     from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    flags, overrides = split_argv(args)
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as exc:
-        raise UserError(f"cannot parse overrides: {str(exc).splitlines()[0]}") from None
+    _, overrides = split_argv(args)
+    parsed = parse(overrides)
     groups = group_options(configs_dir, recipes_dir)
     group_choices, all_choices, key_overrides = [], [], []
     for override in parsed:
@@ -86,7 +100,7 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
         first = override.input_line if override.is_delete() else f"{override.get_key_element()}={values[0]}"
         all_choices.append(first)
         if key in groups and override.package is None:
-            _check_group(key, values, groups[key])
+            check_group(key, values, groups[key])
             group_choices.append(first)
         elif not override.is_add() and not override.is_delete():
             key_overrides.append(key)
@@ -94,21 +108,16 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
         try:
             skeleton = compose(config_name, overrides=group_choices)
         except (HydraException, OmegaConfBaseException) as exc:
-            raise UserError(f"invalid config: {_one_line(exc)}") from None
-        known = _leaf_keys(skeleton)
+            raise UserError(f"invalid config: {one_line(exc)}") from None
         for key in key_overrides:
-            if not _key_exists(skeleton, key):
-                near = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-                hint = f"did you mean {near[0]}? " if near else ""
-                raise UserError(f"unknown config key {key!r}; {hint}"
-                                "(`lora train --help` lists every key)")
+            check_key(skeleton, key)
         try:
             return compose(config_name, overrides=all_choices)
         except (HydraException, OmegaConfBaseException) as exc:
-            raise UserError(f"invalid override: {_one_line(exc)}") from None
+            raise UserError(f"invalid override: {one_line(exc)}") from None
 
 
-def _check_group(group: str, values: list[str], options: list[str]) -> None:
+def check_group(group: str, values: list[str], options: list[str]) -> None:
     for value in values:
         if value not in options and value != "null":
             near = difflib.get_close_matches(value, options, n=1)
@@ -116,7 +125,7 @@ def _check_group(group: str, values: list[str], options: list[str]) -> None:
             raise UserError(f"{group}={value}: no such {group}; {hint}options: {', '.join(options)}")
 
 
-def _one_line(exc: Exception) -> str:
+def one_line(exc: Exception) -> str:
     """Hydra and OmegaConf errors span lines; keep the message and the key it names."""
     cause = exc.__cause__ or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]

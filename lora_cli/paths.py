@@ -1,6 +1,8 @@
 """Where shipped files and the user cache live, in a checkout and in an installed wheel alike."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -20,3 +22,23 @@ def cache_dir() -> Path:
         return Path(os.environ["LORA_CLI_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg).expanduser() / "lora-cli"
+
+
+def staging_dir(target: Path) -> Path:
+    """An empty temp folder beside `target`, on the same file system so `publish` is an atomic rename."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+
+
+def publish(staging: Path, target: Path) -> None:
+    """Give a finished staging folder normal permissions (mkdtemp and safetensors make them private) and
+    rename it into place, replacing whatever `target` held."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [staging, *staging.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    if target.is_dir():
+        shutil.rmtree(target)
+    elif target.exists():
+        target.unlink()
+    os.replace(staging, target)

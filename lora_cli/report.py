@@ -85,3 +85,49 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+
+
+@contextmanager
+def progress_steps(label: str, total: int):
+    """A plain bar for a loop of `total` steps; yields the function that advances it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("ETA"),
+                        TimeRemainingColumn(), console=console, transient=True)
+    task = progress.add_task(label, total=total)
+    with progress:
+        yield lambda: progress.advance(task)
+
+
+def eval_table(report: dict) -> None:
+    """Base model and adapter side by side, then a few sample generations."""
+    table = Table(title=f"lora eval: {report['dataset']} ({report['split']}, {report['examples']} examples)",
+                  title_justify="left")
+    for column in ("", "base model", "with adapter"):
+        table.add_column(column, justify="right" if column else "left")
+    rows = [("eval loss", "eval_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}")]
+    if report["metric"] == "exact_match":
+        rows += [("accuracy (exact label)", "accuracy", "{:.1%}"),
+                 ("not a valid label", "invalid_labels", "{}")]
+    else:
+        rows += [("token F1", "token_f1", "{:.3f}")]
+    for name, key, fmt in rows:
+        table.add_row(name, fmt.format(report["base"][key]), fmt.format(report["adapter"][key]))
+    stdout.print(table)
+    for sample in report["samples"]:
+        stdout.print(f"[bold]prompt[/]  {sample['prompt']}\n[bold]gold[/]    {sample['gold']!r}\n"
+                     f"[bold]base[/]    {sample['base']!r}\n[bold]adapter[/] {sample['adapter']!r}\n",
+                     markup=True, highlight=False)
+
+
+def merge_table(result: dict) -> None:
+    table = Table(title="lora merge: summary", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for name, value in [
+        ("output", result["output"]), ("stored dtype", result["dtype"]), ("parameters", f"{result['parameters']:,}"),
+        ("parity", f"{result['parity']}: max |merged - (base + adapter)| = {result['saved_max_abs_diff']:.2e} "
+                   f"on {result['probes']} eval examples (tolerance {result['tolerance']:g})"),
+    ]:
+        table.add_row(name, value)
+    stdout.print(table)

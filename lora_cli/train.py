@@ -64,6 +64,7 @@ def evaluate_loss(model, loader, device) -> float:
     so the number is the same everywhere without any communication."""
     import torch
 
+    was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
     with torch.no_grad():
@@ -71,7 +72,7 @@ def evaluate_loss(model, loader, device) -> float:
             batch = {k: v.to(device) for k, v in batch.items()}
             total += float(token_loss_sum(model, model.get_output_embeddings(), batch))
             tokens += count_label_tokens(batch)
-    model.train()
+    model.train(was_training)
     return total / tokens
 
 

@@ -16,7 +16,7 @@ def test_run_dir_has_every_artifact(tiny_run):
     for name in ("config.yaml", "metrics.jsonl", "loss.png", "README.md", "adapter/adapter_config.json",
                  "adapter/adapter_model.safetensors", "adapter/tokenizer.json"):
         assert (run_dir / name).is_file(), name
-    assert not (run_dir / "adapter.partial").exists()
+    assert not list(run_dir.glob(".adapter.partial-*"))
     assert "lora train: summary" in proc.stdout
     assert "eval loss" in proc.stdout and "trainable params" in proc.stdout
 

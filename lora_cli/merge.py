@@ -1,0 +1,124 @@
+"""`lora merge`: fold the adapter into a full-precision copy of the base and ship a plain transformers
+checkpoint, verified before it is kept.
+
+The checkpoint is written into a temporary folder beside OUT_DIR, reloaded from disk, and its logits are
+compared with base + adapter on probe inputs from the eval split. Only if they agree is it renamed into
+place, so an OUT_DIR that exists is always complete and verified."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from lora_cli import __version__
+from lora_cli.config import RunConfig
+from lora_cli.data import collate, load_train_eval, sample, to_messages, tokenize_split
+from lora_cli.errors import UserError
+from lora_cli.paths import publish, staging_dir
+from lora_cli.report import merge_table
+from lora_cli.runs import load_adapted
+
+
+def check_output(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise UserError(f"output={out_dir} exists and is not empty; choose another output or add merge.overwrite=true")
+
+
+def probe_batch(cfg: RunConfig, tokenizer) -> dict:
+    """A few real eval examples (prompt and reply), padded into one batch."""
+    _, eval_rows = load_train_eval(cfg.dataset)
+    rows = sample(eval_rows, cfg.merge.probes)
+    split = tokenize_split([to_messages(r, cfg.dataset) for r in rows], tokenizer, cfg.dataset)
+    return collate(split.examples, pad_id=tokenizer.pad_token_id)
+
+
+def logits(model, batch: dict):
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    return out * batch["attention_mask"][..., None]  # padded positions are not part of the contract
+
+
+def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    check_output(out_dir, cfg.merge.overwrite)
+    # Always merge in fp32, whatever the run trained in; merge.dtype only sets how the result is stored.
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
+    adapted = load_adapted(run_dir, cfg)
+    probes = probe_batch(cfg, adapted.tokenizer)
+    reference = logits(adapted.model, probes)
+    merged = adapted.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse non-finite weights
+    merge_diff = (logits(merged, probes) - reference).abs().max().item()
+
+    tmp = staging_dir(out_dir)
+    try:
+        merged.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, max_shard_size=cfg.merge.max_shard_size)
+        adapted.tokenizer.save_pretrained(tmp)
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
+        saved_diff = (logits(reloaded, probes) - reference).abs().max().item()
+        # The merge itself must be exact in fp32; a lower storage dtype adds rounding, reported, not failed.
+        checked = saved_diff if cfg.merge.dtype == "float32" else merge_diff
+        if not checked <= cfg.merge.tolerance:
+            raise UserError(f"parity check failed: merged logits differ from base + adapter by {checked:.3g} "
+                            f"(> merge.tolerance={cfg.merge.tolerance:g}); nothing was written to {out_dir}")
+        result = {"run_dir": str(run_dir), "output": str(out_dir), "dtype": cfg.merge.dtype,
+                  "probes": int(probes["input_ids"].shape[0]), "merge_max_abs_diff": merge_diff,
+                  "saved_max_abs_diff": saved_diff, "tolerance": cfg.merge.tolerance,
+                  "parity": "pass", "parameters": sum(p.numel() for p in reloaded.parameters())}
+        write_card(tmp, run_dir, adapted, cfg, result, command)
+        publish(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    merge_table(result)
+    return result
+
+
+def write_card(folder: Path, run_dir: Path, adapted, cfg: RunConfig, result: dict, command: str) -> None:
+    from safetensors import safe_open
+
+    weights = adapted.adapter_dir / "adapter_model.safetensors"
+    with safe_open(weights, "pt") as f:
+        provenance = f.metadata() or {}
+    adapter_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    config_text = (run_dir / "config.yaml").read_text()
+    dataset = f"`{provenance.get('dataset', cfg.dataset.name)}` (fingerprint `{provenance.get('dataset_fingerprint')}`)"
+    parity = (f"max abs logit difference vs base + adapter on {result['probes']} eval examples: "
+              f"{result['saved_max_abs_diff']:.2e} (merge in fp32: {result['merge_max_abs_diff']:.2e}; "
+              f"tolerance {result['tolerance']:g})")
+    card = f"""# {provenance.get('base_model', cfg.model.name_or_path)} + {cfg.adapter.name} adapter, merged
+
+A standard transformers checkpoint: the {cfg.adapter.name} adapter (r={cfg.adapter.r}) of run `{run_dir}`
+folded into its base model by lora-cli {__version__}. Loads with no lora-cli or peft installed:
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{result['output']}")
+tokenizer = AutoTokenizer.from_pretrained("{result['output']}")
+```
+
+| provenance | |
+| --- | --- |
+| base model | `{provenance.get('base_model', cfg.model.name_or_path)}` (sha256 `{adapted.checkpoint.sha256}`) |
+| adapter | `{weights}` (sha256 `{adapter_sha}`) |
+| dataset | {dataset} |
+| run config | sha256 `{hashlib.sha256(config_text.encode()).hexdigest()}` (below) |
+| stored dtype | {result['dtype']} |
+| parity | {parity} |
+
+Made with: `{command}`
+
+## Run config
+
+```yaml
+{config_text}```
+"""
+    (folder / "README.md").write_text(card)
+    (folder / "lora_cli_merge.json").write_text(json.dumps(
+        {**result, "base_model_sha256": adapted.checkpoint.sha256, "adapter_sha256": adapter_sha,
+         "provenance": provenance}, indent=2))

@@ -1,0 +1,100 @@
+"""A finished run, read back: its resolved config (plus the command line's overrides), and its base model
+with the adapter on top. `lora eval`, `lora generate` and `lora merge` all start here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lora_cli.config import RunConfig, to_run_config
+from lora_cli.errors import UserError
+from lora_cli.models import Checkpoint, load_model, load_tokenizer, resolve_checkpoint
+from lora_cli.report import console
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+@dataclass
+class AdaptedModel:
+    model: object  # peft.PeftModel; `with model.disable_adapter():` gives the base model
+    tokenizer: object
+    checkpoint: Checkpoint
+    adapter_dir: Path
+
+
+def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+    """The run's config.yaml with overrides applied: `GROUP=OPTION` swaps a whole group for a shipped
+    option (e.g. dataset=banking77), `KEY=VALUE` sets one key (checked against the schema)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lora_cli import overrides as ov
+    from lora_cli.paths import shipped_dir
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a lora-cli run dir (no config.yaml); pass run=<a dir `lora train` wrote>")
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    configs = shipped_dir("configs")
+    groups = ov.group_options(configs, shipped_dir("recipes"))
+    groups.pop("recipe")
+    for override in ov.parse(overrides):
+        key = override.key_or_group
+        try:
+            if key in groups:
+                value = override.get_value_element_as_str()
+                ov.check_group(key, [value], groups[key])
+                option = OmegaConf.load(configs / key / f"{value}.yaml")
+                cfg[key] = OmegaConf.merge(OmegaConf.structured(type(getattr(RunConfig(), key))), option)
+            else:
+                ov.check_key(cfg, key)
+                OmegaConf.update(cfg, key, override.value(), merge=False)
+        except OmegaConfBaseException as exc:
+            raise UserError(f"invalid override {override.input_line!r}: {ov.one_line(exc)}") from None
+    return to_run_config(cfg)
+
+
+def check_adapter(run_dir: Path) -> Path:
+    """The run's adapter folder, complete and readable, or a one-line reason why not."""
+    from safetensors import safe_open
+
+    adapter_dir = run_dir / "adapter"
+    missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{run_dir} has no complete adapter ({', '.join(missing)} missing in adapter/); "
+                        "did its training finish? Re-run `lora train` or pass another run=")
+    try:
+        with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open handles have no __iter__)
+                f.get_tensor(name)
+    except Exception as exc:
+        raise UserError(f"{adapter_dir / 'adapter_model.safetensors'} is corrupted or unreadable "
+                        f"({str(exc).splitlines()[0][:120]}); restore it or re-run training") from None
+    return adapter_dir
+
+
+def base_hash_recorded(adapter_dir: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
+        return (f.metadata() or {}).get("base_model_sha256")
+
+
+def load_adapted(run_dir: Path, cfg: RunConfig) -> AdaptedModel:
+    """Base model + the run's adapter, in eval mode. Warns if the base changed since training."""
+    from peft import PeftModel
+
+    adapter_dir = check_adapter(run_dir)
+    checkpoint = resolve_checkpoint(cfg.model)
+    recorded = base_hash_recorded(adapter_dir)
+    if recorded and recorded != checkpoint.sha256:
+        console.print(f"[yellow]warning: the base model's weights differ from those the adapter was trained on "
+                      f"(sha256 {checkpoint.sha256[:12]} vs {recorded[:12]})[/]")
+    tokenizer = load_tokenizer(checkpoint, cfg.model)
+    base = load_model(checkpoint, cfg.model, tokenizer)
+    try:
+        model = PeftModel.from_pretrained(base, adapter_dir)
+    except Exception as exc:
+        raise UserError(f"cannot load the adapter in {adapter_dir}: {str(exc).splitlines()[0][:160]}") from None
+    model.eval()
+    return AdaptedModel(model, tokenizer, checkpoint, adapter_dir)

@@ -1,0 +1,159 @@
+"""`lora eval`, `lora merge`, `lora generate` through the real CLI on a tiny_llama run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import BANKING77, compose_run, lora
+from test_cli import assert_one_line_error
+
+from lora_cli.evaluate import score, token_f1
+
+EVAL_FAST = ["eval.max_samples=12", "eval.max_new_tokens=6", "eval.show_samples=2"]
+
+
+def test_token_f1_and_exact_match_scoring():
+    assert token_f1("Freeze the card in the app", "freeze the card in the app") == 1.0
+    assert token_f1("totally different", "freeze card") == 0.0
+    assert 0 < token_f1("freeze the card", "freeze the card now please") < 1
+    result = score("exact_match", ["pin_blocked\nUnblock it.", "card_arrival", "I think card_arrival"],
+                   ["pin_blocked\nGo to the app.", "lost_or_stolen_card\nx", "card_arrival\ny"],
+                   labels={"pin_blocked", "card_arrival", "lost_or_stolen_card"})
+    assert result["correct"] == 1 and result["invalid_labels"] == 1 and result["accuracy"] == pytest.approx(1 / 3)
+
+
+def test_eval_reports_base_and_adapter_side_by_side(tiny_run):
+    run_dir, _ = tiny_run
+    proc = lora("eval", f"run={run_dir}", *EVAL_FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "base model" in proc.stdout and "with adapter" in proc.stdout and "accuracy" in proc.stdout
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["metric"] == "exact_match" and report["examples"] == 12 and report["labels"] == 77
+    for side in ("base", "adapter"):
+        assert {"eval_loss", "perplexity", "accuracy", "invalid_labels"} <= set(report[side])
+    # Training lowered the loss on the held-out replies, so the adapter must beat its own base there.
+    assert report["adapter"]["eval_loss"] < report["base"]["eval_loss"]
+    assert len(report["samples"]) == 2 and {"prompt", "gold", "base", "adapter"} <= set(report["samples"][0])
+    assert "## Evaluation" in (run_dir / "README.md").read_text()
+
+
+@pytest.mark.skipif(not BANKING77.is_dir(), reason="needs ../shared/data/banking77")
+def test_eval_on_another_dataset_split(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    proc = lora("eval", f"run={run_dir}", "dataset=banking77", f"dataset.path={BANKING77}",
+                "dataset.eval_split=test", *EVAL_FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["dataset"] == "banking77" and report["split"] == "test" and report["examples"] == 12
+
+
+LOAD_WITHOUT_LORA_CLI = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out, ids = sys.argv[1], torch.tensor(json.loads(sys.argv[2]))
+model = AutoModelForCausalLM.from_pretrained(out).eval()
+tokenizer = AutoTokenizer.from_pretrained(out)
+assert not {"lora_cli", "peft"} & set(sys.modules), "merged model must load without lora_cli or peft"
+with torch.no_grad():
+    logits = model(input_ids=ids).logits
+    greedy = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+print(json.dumps({"logits": logits.tolist(), "greedy": greedy.tolist(), "template": tokenizer.chat_template}))
+"""
+
+
+def test_merged_checkpoint_loads_without_lora_cli_and_matches(tiny_run, tmp_path, tokenizer):
+    from lora_cli.runs import load_adapted, load_run_config
+
+    run_dir, out = tiny_run[0], tmp_path / "merged"
+    proc = lora("merge", f"run={run_dir}", f"output={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert "parity" in proc.stdout and "pass" in proc.stdout
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"):
+        assert (out / name).is_file(), name
+    assert "sha256" in (out / "README.md").read_text()
+
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "I lost my card"}], tokenize=False,
+                                           add_generation_prompt=True)
+    ids = [tokenizer(prompt, add_special_tokens=False)["input_ids"]]
+    loaded = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_LORA_CLI, str(out), json.dumps(ids)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr
+    merged = json.loads(loaded.stdout)
+    adapted = load_adapted(run_dir, load_run_config(run_dir, []))
+    with torch.no_grad():
+        reference = adapted.model(input_ids=torch.tensor(ids)).logits
+        greedy = adapted.model.generate(input_ids=torch.tensor(ids), max_new_tokens=8, do_sample=False,
+                                        pad_token_id=adapted.tokenizer.pad_token_id)
+    assert (torch.tensor(merged["logits"]) - reference).abs().max().item() <= 1e-4
+    assert merged["greedy"] == greedy.tolist()
+    assert merged["template"] == adapted.tokenizer.chat_template
+
+
+def test_merge_refuses_what_it_cannot_do_cleanly(tiny_run, tmp_path):
+    run_dir = tiny_run[0]
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("user data")
+    assert_one_line_error(lora("merge", f"run={run_dir}", f"output={taken}"), "merge.overwrite=true")
+    assert [p.name for p in taken.iterdir()] == ["mine.txt"]
+
+    no_adapter = tmp_path / "no_adapter"
+    shutil.copytree(run_dir, no_adapter, ignore=shutil.ignore_patterns("adapter"))
+    assert_one_line_error(lora("merge", f"run={no_adapter}", f"output={tmp_path / 'o1'}"), "no complete adapter")
+
+    corrupted = tmp_path / "corrupted"
+    shutil.copytree(run_dir, corrupted)
+    weights = corrupted / "adapter/adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert_one_line_error(lora("merge", f"run={corrupted}", f"output={tmp_path / 'o2'}"), "corrupted")
+
+    assert_one_line_error(lora("merge", f"run={tmp_path / 'nope'}", f"output={tmp_path / 'o3'}"), "no such directory")
+    assert_one_line_error(lora("merge", f"run={run_dir}"), "output=")
+    assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / 'o4'}", "merge.tolernce=1"),
+                          "merge.tolerance")
+    # A failed parity check (an impossible tolerance) leaves nothing that looks like a checkpoint.
+    assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / 'o5'}", "merge.tolerance=1e-30"),
+                          "parity check failed")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(("o", ".o"))]
+
+
+def test_generate_streams_the_greedy_reply_with_and_without_the_adapter(tiny_run):
+    from contextlib import nullcontext
+
+    from lora_cli.runs import load_adapted, load_run_config
+
+    run_dir = tiny_run[0]
+    cfg = load_run_config(run_dir, [])
+    adapted = load_adapted(run_dir, cfg)
+    messages = [{"role": "system", "content": cfg.dataset.system_prompt}, {"role": "user", "content": "I lost my card"}]
+    text = adapted.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = adapted.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    for switch, context in (([], nullcontext()), (["adapter=false"], adapted.model.disable_adapter())):
+        with context, torch.no_grad():
+            out = adapted.model.generate(input_ids=ids, max_new_tokens=64, do_sample=False,
+                                         pad_token_id=adapted.tokenizer.pad_token_id)
+        expected = adapted.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        proc = lora("generate", f"run={run_dir}", "prompt=I lost my card", "generate.max_new_tokens=64", *switch)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_generate_chat_loop_ends_at_end_of_input(tiny_run):
+    from conftest import LORA
+
+    chat = subprocess.run([str(LORA), "generate", f"run={tiny_run[0]}", "generate.max_new_tokens=3"],
+                          input="hello\nmy card is stuck\n", capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr
+    assert chat.stdout.count("you> ") == 3  # two turns, then the prompt that met end-of-input
+
+
+def test_eval_config_overrides_are_checked(tiny_run):
+    cfg = compose_run(["eval.batch_size=4"])
+    assert cfg.eval.batch_size == 4
+    assert_one_line_error(lora("eval", f"run={tiny_run[0]}", "eval.batch_sise=4"), "eval.batch_size")
