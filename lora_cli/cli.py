@@ -24,11 +24,12 @@ commands:
   eval       adapter vs base model: lora eval run=RUN_DIR [dataset.eval_split=test eval.max_samples=200 ...]
   generate   try it: lora generate run=RUN_DIR prompt="I lost my card"  (no prompt: chat; adapter=false: base)
   merge      ship it: lora merge run=RUN_DIR output=OUT_DIR  (verified full checkpoint, no peft needed to load)
+  report     compare runs: lora report SWEEP_DIR [metric=eval_loss|accuracy|...]  (summary.csv, summary.png)
 
 Every command takes Hydra overrides. `lora train --help` lists the config groups and every key;
 `lora train --cfg job ...` prints the composed config without running. Add debug=true to see tracebacks.
 """
-COMMANDS = ("train", "eval", "generate", "merge")
+COMMANDS = ("train", "eval", "generate", "merge", "report")
 # Arguments of the commands that read a finished run; everything else is a config override.
 NAMED_ARGS = {"eval": ("run",), "generate": ("run", "prompt"), "merge": ("run", "output")}
 REQUIRED_ARGS = {"eval": ("run",), "generate": ("run",), "merge": ("run", "output")}
@@ -55,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"unknown command {command!r}; {hint}commands: {', '.join(COMMANDS)}")
     debug = "debug=true" in rest or bool(os.environ.get("LORA_CLI_DEBUG"))
     try:
-        return run_train(rest) if command == "train" else run_on_finished_run(command, rest)
+        if command == "train":
+            return run_train(rest)
+        if command == "report":
+            return run_report(rest)
+        return run_on_finished_run(command, rest)
     except UserError as exc:
         if debug:
             raise
@@ -79,6 +84,10 @@ def run_train(args: list[str]) -> int:
     flags, _ = overrides.split_argv(args)
     if not overrides.HELP_FLAGS.intersection(flags):
         composed = overrides.check(configs, recipes, args)
+        run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+        if run_dir and (Path(run_dir) / "adapter").exists():  # checked before Hydra writes into it
+            raise UserError(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir or move that "
+                            "run away")
         if not ({"-m", "--multirun", "--cfg", "-c"} & set(flags)):
             from lora_cli.config import to_run_config
 
@@ -89,28 +98,62 @@ def run_train(args: list[str]) -> int:
 
 
 def train_job(cfg) -> None:
-    """One Hydra job. User errors end it here with one line, before Hydra would print a traceback."""
+    """One Hydra job. It always leaves run.json (complete, or failed with the reason). A user error ends a
+    single run with one line and exit 2; in a sweep it marks the job failed and the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    from lora_cli.config import to_run_config
     from lora_cli.report import quiet_libraries
+    from lora_cli.sweep import write_run_record
 
     quiet_libraries()
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    record = {"overrides": list(hydra_cfg.overrides.task), "variant": cfg.adapter.name, "r": cfg.adapter.r,
+              "alpha": cfg.adapter.alpha}
+    if (run_dir / "adapter").exists():  # a finished run is never touched
+        fail(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir or move that run away")
+        if in_sweep:
+            return
+        sys.exit(2)
+    try:
+        result = _train_and_evaluate(cfg, run_dir, " ".join(["lora train", *hydra_cfg.overrides.task]))
+        write_run_record(run_dir, {"status": "complete", **record, "result": result})
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        write_run_record(run_dir, {"status": "failed", **record, "reason": reason})
+        if cfg.get("debug") or not (in_sweep or isinstance(exc, UserError)):
+            raise
+        fail(reason)
+        if not in_sweep:
+            sys.exit(2)
+
+
+def _train_and_evaluate(cfg, run_dir: Path, command: str) -> dict:
+    from lora_cli.config import to_run_config
     from lora_cli.train import train
 
-    hydra_cfg = HydraConfig.get()
-    try:
-        run = to_run_config(cfg)
-        run_dir = Path(hydra_cfg.runtime.output_dir)
-        if (run_dir / "adapter").exists():  # never overwrite a finished run
-            raise UserError(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir "
-                            "or move that run away")
-        command = " ".join(["lora train", *hydra_cfg.overrides.task])
-        train(run, run_dir, command)
-    except UserError as exc:
-        if cfg.get("debug"):
-            raise
-        sys.exit(fail(str(exc)))
+    run = to_run_config(cfg)
+    result, _ = train(run, run_dir, command)
+    if run.trainer.eval_at_end:
+        from lora_cli.evaluate import evaluate_run
+
+        evaluate_run(run_dir, run)
+    return result
+
+
+def run_report(args: list[str]) -> int:
+    """`lora report DIR [metric=NAME]`: summary.csv, summary.png and a leaderboard for the runs under DIR."""
+    named, rest = take_named(args, ("metric",))
+    if len(rest) != 1:
+        raise UserError("usage: lora report SWEEP_DIR [metric=eval_loss|accuracy|token_f1|tokens_per_s|...]")
+    from lora_cli.report import quiet_libraries
+    from lora_cli.sweep import summarize
+
+    quiet_libraries()
+    summarize(Path(rest[0]).expanduser(), named.get("metric", "eval_loss"))
+    return 0
 
 
 def take_named(args: list[str], names: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:

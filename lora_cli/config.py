@@ -149,6 +149,7 @@ class TrainerConfig:
     eval_batch_size: int = 16
     seed: int = 42
     precision: str = "fp32"
+    eval_at_end: bool = False  # also run `lora eval` (task metric) when training ends; sweeps report it
 
     def validate(self) -> None:
         _require(self.lr > 0, f"trainer.lr={self.lr} must be > 0 (e.g. trainer.lr=2e-4)")

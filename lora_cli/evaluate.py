@@ -12,7 +12,7 @@ import math
 import re
 import time
 from collections import Counter
-from contextlib import nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 from lora_cli.config import RunConfig
@@ -86,6 +86,17 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], cfg: RunConfig
     return replies
 
 
+@contextmanager
+def merged_for_decoding(model):
+    """Fold the adapter into the base weights while decoding: token-by-token generation pays the adapter's
+    extra matmuls at every step otherwise. Unfolded afterwards, so the run's model is unchanged."""
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
+
+
 def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
     started = time.perf_counter()
     adapted = load_adapted(run_dir, cfg)
@@ -108,8 +119,7 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
 
     results, outputs = {}, {}
     for name in ("base", "adapter"):
-        context = model.disable_adapter() if name == "base" else nullcontext()
-        with context:
+        with model.disable_adapter() if name == "base" else merged_for_decoding(model):
             t0 = time.perf_counter()
             loss = evaluate_loss(model, batches, model.device)
             outputs[name] = generate_replies(model, tokenizer, prompts, cfg, metric == "exact_match", name)

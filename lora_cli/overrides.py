@@ -82,7 +82,10 @@ def _key_exists(cfg, key: str) -> bool:
 
 
 def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: str = "train"):
-    """Validate overrides against the config tree; returns the composed config (first sweep values)."""
+    """Validate overrides against the config tree; returns the composed config (first sweep values).
+
+    Every value of a sweep is composed too, so a type error anywhere in `adapter.r=4,x` stops the sweep
+    before it starts; values that type-check but are invalid (r=0) fail their own job only."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -90,7 +93,7 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
     _, overrides = split_argv(args)
     parsed = parse(overrides)
     groups = group_options(configs_dir, recipes_dir)
-    group_choices, all_choices, key_overrides = [], [], []
+    group_choices, all_choices, key_overrides, sweeps = [], [], [], []
     for override in parsed:
         key = override.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
@@ -98,6 +101,7 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
         values = _values(override)
         # Sweeps are checked by key here and by value in each job; compose with the first value.
         first = override.input_line if override.is_delete() else f"{override.get_key_element()}={values[0]}"
+        sweeps += [(len(all_choices), f"{override.get_key_element()}={v}") for v in values[1:]]
         all_choices.append(first)
         if key in groups and override.package is None:
             check_group(key, values, groups[key])
@@ -112,6 +116,8 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
         for key in key_overrides:
             check_key(skeleton, key)
         try:
+            for index, choice in sweeps:
+                compose(config_name, overrides=[*all_choices[:index], choice, *all_choices[index + 1:]])
             return compose(config_name, overrides=all_choices)
         except (HydraException, OmegaConfBaseException) as exc:
             raise UserError(f"invalid override: {one_line(exc)}") from None

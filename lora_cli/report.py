@@ -73,6 +73,7 @@ def quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # e.g. the GGUF conversion's bar, which ignores the settings below
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import datasets
     import transformers
@@ -131,3 +132,30 @@ def merge_table(result: dict) -> None:
     ]:
         table.add_row(name, value)
     stdout.print(table)
+
+
+def leaderboard(rows: list[dict], metric: str, root) -> None:
+    table = Table(title=f"lora report: {root} (sorted by {metric})", title_justify="left")
+    columns = ["run", "status", "variant", "r", "trainable_params", "train_loss", "eval_loss", "accuracy",
+               "tokens_per_s", "wall_time_s", "peak_rss_mib"]
+    columns = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("run", "status", "variant") else "right",
+                         style="bold" if column == metric else None)
+    for r in rows:
+        table.add_row(*[_cell(r.get(c)) for c in columns])
+    stdout.print(table)
+    for r in rows:
+        if r["status"] != "complete":
+            stdout.print(f"[red]{r['run']}: {r['status']}[/]: {r['reason']}")
+    stdout.print(f"wrote {root}/summary.csv and {root}/summary.png")
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)

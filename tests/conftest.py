@@ -58,10 +58,14 @@ def tiny_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     return run_dir, proc
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def tiny_checkpoint():
+    """Built (with the embedded tokenizer's one-time GGUF conversion) before any test runs, so no test's
+    stderr carries the conversion messages of a fresh cache, whatever order the tests run in."""
     from lora_cli.models import resolve_checkpoint
+    from lora_cli.report import quiet_libraries
 
+    quiet_libraries()
     return resolve_checkpoint(compose_run(["model=tiny_llama"]).model)
 
 

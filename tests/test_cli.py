@@ -79,3 +79,11 @@ def test_problems_found_while_loading_are_one_line_too(tmp_path, args, needles):
     proc = lora("train", "recipe=banking_support", *args, f"hydra.run.dir={tmp_path}")
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "adapter").exists()
+
+
+def test_a_finished_run_is_never_overwritten(tiny_run):
+    run_dir, _ = tiny_run
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert_one_line_error(lora("train", "recipe=banking_support", "model=tiny_llama", f"hydra.run.dir={run_dir}"),
+                          "already holds a trained adapter")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before

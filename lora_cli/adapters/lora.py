@@ -1,11 +1,17 @@
 """LoRA through peft: y = W x + (alpha / r) * B A x, A and B trained, W frozen.
 
-peft does the math; this module turns our config into a `LoraConfig` and checks the config against the
-model first, so a target that matches nothing is an error that lists what does exist."""
+peft does the math; this module turns our config into a `LoraConfig`, checks it against the model first
+(a target that matches nothing is an error that lists what does exist), and defines the hooks through which
+the other variants change training. Each hook is a no-op here, and the loop calls them at fixed points:
+
+    apply -> param_groups -> [backward -> before_clip -> clip -> optimizer.step -> after_step]* -> save
+"""
 
 from __future__ import annotations
 
-from lora_cli.config import AdapterConfig
+from pathlib import Path
+
+from lora_cli.config import AdapterConfig, TrainerConfig
 from lora_cli.errors import UserError
 
 
@@ -15,7 +21,8 @@ def linear_module_names(model) -> list[str]:
 
     output = model.get_output_embeddings()
     names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and module is not output}
+             if isinstance(module, torch.nn.Linear) and module is not output
+             or type(module).__name__.startswith("Linear4bit")}
     return sorted(names)
 
 
@@ -48,8 +55,52 @@ def lora_config(cfg: AdapterConfig):
     )
 
 
-def apply(model, cfg: AdapterConfig):
-    from peft import get_peft_model
+def lora_layers(model) -> dict[str, object]:
+    """Every peft LoRA layer of the model by its module name (they hold lora_A, lora_B and `scaling`)."""
+    from peft.tuners.lora import LoraLayer
 
-    check_targets(model, cfg)
-    return get_peft_model(model, lora_config(cfg))
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+class Lora:
+    """Plain LoRA. Subclasses override only the hooks where their method differs."""
+
+    def __init__(self, cfg: AdapterConfig):
+        self.cfg = cfg
+
+    def quantization(self, on_cuda: bool):
+        """A transformers `BitsAndBytesConfig` to load the base with, or None for full precision."""
+        return None
+
+    def apply(self, model):
+        """Wrap the frozen base model; only the adapter's parameters stay trainable."""
+        from peft import get_peft_model
+
+        check_targets(model, self.cfg)
+        return get_peft_model(model, lora_config(self.cfg))
+
+    def param_groups(self, model, trainer: TrainerConfig) -> list[dict]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad]}]
+
+    def before_clip(self, model, optimizer, step: int) -> dict:
+        """Called once per optimizer step, after backward (gradients complete and synced), before clipping.
+        Returns values to log for this step."""
+        return {}
+
+    def after_step(self, model) -> dict:
+        """Called after optimizer.step(); returns values to log for this step."""
+        return {}
+
+    def state_tensors(self, model) -> dict:
+        """Variant state beyond the trainable parameters and the optimizer that a resumed run needs."""
+        return {}
+
+    def load_state_tensors(self, model, tensors: dict) -> None:
+        """Inverse of `state_tensors`, on a freshly built model."""
+
+    def save(self, model, out_dir: Path) -> None:
+        """Write a stock-peft adapter (adapter_config.json, adapter_model.safetensors) into out_dir."""
+        model.save_pretrained(out_dir, safe_serialization=True)
+
+    def finish(self, model, run_dir: Path, history: list[dict]) -> None:
+        """Variant-specific artifacts at the end of a run (plots); `history` holds every logged record."""

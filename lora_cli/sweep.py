@@ -1,0 +1,126 @@
+"""Sweeps: one row per run, a leaderboard, a plot. `lora report DIR` builds them from any folder of runs;
+a Hydra multirun (`lora train -m ...`) builds them for its sweep dir when the last job ends.
+
+Every job leaves `run.json` in its run dir, complete or failed (with the one-line reason), so a summary never
+depends on a job having finished well."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+
+from lora_cli.errors import UserError
+
+RUN_RECORD = "run.json"
+COLUMNS = ["run", "status", "overrides", "variant", "r", "alpha", "trainable_params", "train_loss", "eval_loss",
+           "accuracy", "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib", "reason"]
+HIGHER_IS_BETTER = {"accuracy", "token_f1", "tokens_per_s"}
+
+
+def write_run_record(run_dir: Path, record: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=2))
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Run dirs under `root` (itself included): folders a `lora train` job wrote its record or config into."""
+    found = {p.parent for p in root.rglob(RUN_RECORD)} | {p.parent for p in root.rglob("config.yaml")
+                                                           if (p.parent / "adapter").is_dir()}
+    return sorted(found)
+
+
+def row(run_dir: Path, root: Path) -> dict:
+    record = json.loads((run_dir / RUN_RECORD).read_text()) if (run_dir / RUN_RECORD).is_file() else \
+        {"status": "complete"}
+    result = record.get("result", {})
+    evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    adapter_metrics = evaluation.get("adapter", {})
+    rss = result.get("peak_memory", {}).get("RSS")
+    return {
+        "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
+        "status": record.get("status", "unknown"), "overrides": " ".join(record.get("overrides", [])),
+        "variant": record.get("variant", result.get("variant")), "r": record.get("r", result.get("r")),
+        "alpha": record.get("alpha"), "trainable_params": result.get("trainable_params"),
+        "train_loss": result.get("train_loss_last"),
+        "eval_loss": adapter_metrics.get("eval_loss", result.get("eval_loss_after")),
+        "accuracy": adapter_metrics.get("accuracy"), "token_f1": adapter_metrics.get("token_f1"),
+        "tokens_per_s": result.get("tokens_per_s"), "wall_time_s": result.get("wall_time_s"),
+        "peak_rss_mib": rss / 2**20 if rss else None, "reason": record.get("reason", ""),
+    }
+
+
+def sort_key(metric: str):
+    def key(r: dict):
+        value = r.get(metric)
+        missing = value is None or (isinstance(value, float) and math.isnan(value))
+        return (r["status"] != "complete", missing, 0 if missing else (-value if metric in HIGHER_IS_BETTER else value))
+
+    return key
+
+
+def summarize(root: Path, metric: str = "eval_loss") -> list[dict]:
+    """Write summary.csv and summary.png for every run under root, print the leaderboard; return the rows."""
+    if not root.is_dir():
+        raise UserError(f"{root}: no such directory; pass a sweep dir (multirun/...) or a folder of runs")
+    if metric not in COLUMNS:
+        raise UserError(f"metric={metric}: not a summary column; choose one of: {', '.join(COLUMNS[6:14])}")
+    runs = find_runs(root)
+    if not runs:
+        raise UserError(f"{root} holds no lora-cli runs (no run.json or config.yaml + adapter/ below it)")
+    rows = sorted((row(run, root) for run in runs), key=sort_key(metric))
+    with open(root / "summary.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    plot(rows, metric, root / "summary.png")
+    from lora_cli.report import leaderboard
+
+    leaderboard(rows, metric, root)
+    return rows
+
+
+def plot(rows: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if r["status"] == "complete" and r.get(metric) is not None and r.get("r")]
+    fig, (by_rank, by_params) = plt.subplots(1, 2, figsize=(11, 4))
+    for variant in sorted({r["variant"] for r in done}):
+        points = sorted((r["r"], r["trainable_params"] or 0, r[metric]) for r in done if r["variant"] == variant)
+        by_rank.plot([p[0] for p in points], [p[2] for p in points], "o-", label=variant)
+        by_params.plot([p[1] for p in points], [p[2] for p in points], "o", label=variant)
+    by_rank.set_xscale("log", base=2)
+    by_rank.set_xlabel("rank r")
+    by_params.set_xscale("log")
+    by_params.set_xlabel("trainable parameters")
+    for ax in (by_rank, by_params):
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if done:
+            ax.legend()
+    failed = len(rows) - len(done)
+    fig.suptitle(f"{len(done)} runs" + (f" ({failed} failed or without {metric})" if failed else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+class SummarizeSweep(Callback):
+    """Hydra callback (configs/train.yaml, hydra.callbacks): summarise the sweep when its last job ends;
+    exit non-zero if any job failed, after every other job has run."""
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        import sys
+
+        from lora_cli.report import quiet_libraries
+
+        quiet_libraries()
+        rows = summarize(Path(config.hydra.sweep.dir))
+        if any(r["status"] != "complete" for r in rows):
+            sys.exit(1)

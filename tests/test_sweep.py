@@ -1,0 +1,58 @@
+"""Sweeps: `lora train -m` over ranks writes one run per job plus summary.csv/.png; failures are rows too."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+from conftest import TINY, lora
+from test_cli import assert_one_line_error
+
+SWEEP = ["-m", "recipe=banking_support", *TINY, "trainer.max_steps=3", "trainer.eval_every=3"]
+
+
+def read_summary(folder) -> list[dict]:
+    with open(folder / "summary.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_rank_sweep_summarises_every_job(tmp_path):
+    proc = lora("train", *SWEEP, "adapter.r=2,4", "trainer.eval_at_end=true", "eval.max_samples=4",
+                "eval.max_new_tokens=4", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    rows = read_summary(tmp_path)
+    assert [r["status"] for r in rows] == ["complete", "complete"]
+    assert {r["r"] for r in rows} == {"2", "4"}
+    assert len({r["trainable_params"] for r in rows}) == 2
+    assert all(float(r["eval_loss"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
+    assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)  # trainer.eval_at_end ran `lora eval`
+    assert all((tmp_path / r["run"] / "eval.json").is_file() for r in rows)
+    assert (tmp_path / "summary.png").stat().st_size > 0
+    assert len(list(tmp_path.glob("*/adapter/adapter_model.safetensors"))) == 2
+    assert "sorted by eval_loss" in proc.stdout
+
+
+def test_a_failed_job_is_a_row_and_the_others_complete(tmp_path):
+    proc = lora("train", *SWEEP, "adapter.r=2,0", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode != 0  # the sweep ran to the end, then reports the failure
+    rows = {r["r"]: r for r in read_summary(tmp_path)}
+    assert rows["2"]["status"] == "complete" and float(rows["2"]["eval_loss"]) > 0
+    assert rows["0"]["status"] == "failed" and "adapter.r=0" in rows["0"]["reason"]
+    assert (tmp_path / "summary.png").is_file()
+
+
+def test_type_errors_in_a_sweep_stop_it_before_it_starts(tmp_path):
+    assert_one_line_error(lora("train", *SWEEP, "adapter.r=2,x", f"hydra.sweep.dir={tmp_path}"), "adapter.r")
+    assert not list(tmp_path.iterdir())
+
+
+def test_report_on_a_folder_of_single_runs(tiny_run, tmp_path):
+    shutil.copytree(tiny_run[0], tmp_path / "first")
+    shutil.copytree(tiny_run[0], tmp_path / "second", ignore=shutil.ignore_patterns("run.json"))  # older layout
+    proc = lora("report", str(tmp_path), "metric=eval_loss")
+    assert proc.returncode == 0, proc.stderr
+    rows = read_summary(tmp_path)
+    assert {r["run"] for r in rows if r["status"] == "complete"} == {"first", "second"}
+    assert all(float(r["eval_loss"]) > 0 for r in rows)
+    assert_one_line_error(lora("report", str(tmp_path / "nothing")), "no such directory")
+    assert_one_line_error(lora("report", str(tmp_path), "metric=speed"), "metric=speed")
