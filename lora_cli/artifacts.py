@@ -40,15 +40,15 @@ def write_config(run_dir: Path, cfg: RunConfig) -> None:
     (run_dir / "config.yaml").write_text(config_yaml(cfg))
 
 
-def save_adapter(model, tokenizer, out_dir: Path, metadata: dict[str, str]) -> None:
-    """Save a stock-peft-loadable adapter atomically: written beside, then renamed into place, so an
-    `adapter/` folder is always complete."""
+def save_adapter(variant, model, tokenizer, out_dir: Path, metadata: dict[str, str]) -> None:
+    """Save a stock-peft-loadable adapter (and any files the variant adds) atomically: written beside, then
+    renamed into place, so an `adapter/` folder is always complete."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     partial = staging_dir(out_dir)
     try:
-        model.save_pretrained(partial, safe_serialization=True)
+        variant.save(model, partial)
         (partial / "README.md").unlink(missing_ok=True)  # peft's empty template; the run's README is the card
         tokenizer.save_pretrained(partial)
         weights = partial / "adapter_model.safetensors"

@@ -84,14 +84,16 @@ def run_train(args: list[str]) -> int:
     flags, _ = overrides.split_argv(args)
     if not overrides.HELP_FLAGS.intersection(flags):
         composed = overrides.check(configs, recipes, args)
-        run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
-        if run_dir and (Path(run_dir) / "adapter").exists():  # checked before Hydra writes into it
-            raise UserError(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir or move that "
-                            "run away")
         if not ({"-m", "--multirun", "--cfg", "-c"} & set(flags)):
+            from lora_cli.checkpoint import check_run_dir
             from lora_cli.config import to_run_config
 
-            to_run_config(composed)  # value checks (r > 0, ...) before Hydra creates a run dir
+            run = to_run_config(composed)  # value checks (r > 0, ...) before Hydra creates a run dir
+            run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+            if run_dir:  # checked before Hydra writes its .hydra/ folder into it
+                check_run_dir(Path(run_dir), run.resume)
+            elif run.resume == "auto":
+                raise UserError("resume=auto continues the run in hydra.run.dir; add hydra.run.dir=RUN_DIR")
     sys.argv = ["lora train", *args]
     hydra.main(config_path=str(configs), config_name="train", version_base="1.3")(train_job)()
     return 0
@@ -103,6 +105,7 @@ def train_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from lora_cli.errors import Interrupted
     from lora_cli.report import quiet_libraries
     from lora_cli.sweep import write_run_record
 
@@ -110,16 +113,17 @@ def train_job(cfg) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    command = " ".join(["lora train", *hydra_cfg.overrides.task])
     record = {"overrides": list(hydra_cfg.overrides.task), "variant": cfg.adapter.name, "r": cfg.adapter.r,
               "alpha": cfg.adapter.alpha}
-    if (run_dir / "adapter").exists():  # a finished run is never touched
-        fail(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir or move that run away")
-        if in_sweep:
-            return
-        sys.exit(2)
     try:
-        result = _train_and_evaluate(cfg, run_dir, " ".join(["lora train", *hydra_cfg.overrides.task]))
+        result = _train_and_evaluate(cfg, run_dir, command)
         write_run_record(run_dir, {"status": "complete", **record, "result": result})
+    except Interrupted as exc:
+        write_run_record(run_dir, {"status": "interrupted", **record, "reason": str(exc)})
+        kept = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
+        fail(f"{exc}; continue with: lora train {' '.join(kept)} resume=auto hydra.run.dir={run_dir}")
+        sys.exit(130)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
         write_run_record(run_dir, {"status": "failed", **record, "reason": reason})
@@ -131,10 +135,12 @@ def train_job(cfg) -> None:
 
 
 def _train_and_evaluate(cfg, run_dir: Path, command: str) -> dict:
+    from lora_cli.checkpoint import check_run_dir
     from lora_cli.config import to_run_config
     from lora_cli.train import train
 
     run = to_run_config(cfg)
+    check_run_dir(run_dir, run.resume)  # a sweep's job dirs, or the default timestamped dir
     result, _ = train(run, run_dir, command)
     if run.trainer.eval_at_end:
         from lora_cli.evaluate import evaluate_run

@@ -18,7 +18,14 @@ DATASET_FORMATS = ("messages", "columns")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TASK_METRICS = ("exact_match", "token_f1")
-ADAPTERS = ("lora",)
+ADAPTERS = ("lora", "slora", "qlora", "scalora")
+QUANTIZATIONS = ("nf4", "fp4")
+NONFINITE_POLICIES = ("stop", "skip")
+SCALE_SCHEDULES = ("constant", "linear")
+SCALE_MODES = ("per_layer", "global")
+SCALE_GRANULARITIES = ("layer", "module")
+ETA_MODES = ("raw", "adam_effective")
+MOMENT_CONVENTIONS = ("chain_rule", "own")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -104,8 +111,60 @@ class DatasetConfig:
 
 
 @dataclass
+class SLoraScaleConfig:
+    """S-LoRA's learnable per-layer scale s_l on the adapter's contribution (../shared/specs/slora.md)."""
+
+    init: float = 0.5
+    init_schedule: str = "constant"  # constant | linear (from init_min at the first block to init at the last)
+    init_min: float = 0.1
+    mode: str = "per_layer"  # per_layer: s_l = exp(theta_l); global: s_l = exp(g0 + g1 * l / (L - 1))
+    granularity: str = "layer"  # layer: one scale per block; module: one per adapted module
+    learnable: bool = True
+    lr_mult: float = 10.0
+    bounds: list[float] = field(default_factory=lambda: [0.1, 10.0])  # s_l / init is projected into this range
+
+    def validate(self) -> None:
+        _require(self.init > 0, f"adapter.scale.init={self.init} must be > 0")
+        _require(self.init_min > 0, f"adapter.scale.init_min={self.init_min} must be > 0")
+        _require_choice(self.init_schedule, "adapter.scale.init_schedule", SCALE_SCHEDULES)
+        _require_choice(self.mode, "adapter.scale.mode", SCALE_MODES)
+        _require_choice(self.granularity, "adapter.scale.granularity", SCALE_GRANULARITIES)
+        _require(self.lr_mult > 0, f"adapter.scale.lr_mult={self.lr_mult} must be > 0")
+        _require(len(self.bounds) == 2 and 0 < self.bounds[0] <= 1 <= self.bounds[1],
+                 f"adapter.scale.bounds={list(self.bounds)} must be [low, high] with 0 < low <= 1 <= high")
+        _require(not (self.mode == "global" and self.granularity == "module"),
+                 "adapter.scale.mode=global works per block; use adapter.scale.granularity=layer with it")
+
+
+@dataclass
+class ScaLoraConfig:
+    """ScaLoRA's periodic merge-and-rescale (../shared/specs/scalora.md)."""
+
+    interval: int = 10  # rescale every I optimizer steps
+    warmup: int | None = None  # no rescale before this step; null = min(100, 10% of the steps)
+    L: float = 1.0  # smoothness constant of the quadratic bound; alpha, beta scale as 1/sqrt(L * eta)
+    eta: str = "peak"  # which learning rate enters the formula: the peak lr
+    eta_mode: str = "adam_effective"  # raw | adam_effective (eta / median sqrt(v_hat) of the module)
+    clip: list[float] = field(default_factory=lambda: [0.5, 2.0])  # per-entry clamp of alpha and beta
+    column_wise: bool = True  # false: the scalar variant only
+    ridge: float = 1e-10
+    moments: str = "chain_rule"  # chain_rule (spec) | own (the other reading, for ablations)
+
+    def validate(self) -> None:
+        _require(self.interval > 0, f"adapter.scalora.interval={self.interval} must be > 0")
+        _require(self.warmup is None or self.warmup >= 0, f"adapter.scalora.warmup={self.warmup} must be >= 0")
+        _require(self.L > 0, f"adapter.scalora.L={self.L} must be > 0")
+        _require_choice(self.eta, "adapter.scalora.eta", ("peak",))
+        _require_choice(self.eta_mode, "adapter.scalora.eta_mode", ETA_MODES)
+        _require_choice(self.moments, "adapter.scalora.moments", MOMENT_CONVENTIONS)
+        _require(len(self.clip) == 2 and 0 < self.clip[0] <= 1 <= self.clip[1],
+                 f"adapter.scalora.clip={list(self.clip)} must be [low, high] with 0 < low <= 1 <= high")
+        _require(self.ridge >= 0, f"adapter.scalora.ridge={self.ridge} must be >= 0")
+
+
+@dataclass
 class AdapterConfig:
-    """The low-rank adapter: which modules of which blocks, at what rank."""
+    """The low-rank adapter: which modules of which blocks, at what rank, on what base precision."""
 
     name: str = "lora"
     r: int = 16
@@ -117,9 +176,31 @@ class AdapterConfig:
     layers: list[int] | None = None
     use_rslora: bool = False
     use_dora: bool = False
+    # Load the base in 4 bits with bitsandbytes (QLoRA): nf4 | fp4 | null (full precision).
+    quantize: str | None = None
+    double_quant: bool = True
+    scale: SLoraScaleConfig | None = None  # adapter=slora only
+    scalora: ScaLoraConfig | None = None  # adapter=scalora only
 
     def validate(self) -> None:
         _require_choice(self.name, "adapter", ADAPTERS)
+        if self.quantize is not None:
+            _require_choice(self.quantize, "adapter.quantize", QUANTIZATIONS)
+        _require(self.name != "qlora" or self.quantize is not None,
+                 "adapter=qlora needs a 4-bit base: set adapter.quantize=nf4 (or fp4)")
+        _require((self.name == "slora") == (self.scale is not None),
+                 "adapter.scale belongs to adapter=slora only; pick adapter=slora or drop adapter.scale")
+        _require((self.name == "scalora") == (self.scalora is not None),
+                 "adapter.scalora belongs to adapter=scalora only; pick adapter=scalora or drop adapter.scalora")
+        if self.scale is not None:
+            self.scale.validate()
+        if self.scalora is not None:
+            self.scalora.validate()
+            _require(self.quantize is None, "adapter=scalora cannot use a 4-bit base (adapter.quantize="
+                     f"{self.quantize}): it merges into the base weights every interval, and merges into "
+                     "quantized weights accumulate rounding error; set adapter.quantize=null")
+            _require(not self.use_dora, "adapter=scalora cannot be combined with adapter.use_dora=true: "
+                     "its rescale assumes W + s * B A; set adapter.use_dora=false")
         _require(self.r > 0, f"adapter.r={self.r} must be a positive integer (e.g. adapter.r=16)")
         _require(self.alpha > 0, f"adapter.alpha={self.alpha} must be > 0 (commonly 2 * adapter.r)")
         _require(0 <= self.dropout < 1, f"adapter.dropout={self.dropout} must be in [0, 1)")
@@ -150,6 +231,11 @@ class TrainerConfig:
     seed: int = 42
     precision: str = "fp32"
     eval_at_end: bool = False  # also run `lora eval` (task metric) when training ends; sweeps report it
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    save_every: int | None = None  # checkpoint every N steps (and on Ctrl-C / SIGTERM); null = only on signals
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    on_nonfinite: str = "stop"  # stop: fail naming the step (checkpoints kept); skip: drop that step's update
+    num_processes: int = 1  # >1: `accelerate launch` this run on N processes (gloo on CPU, one GPU each on CUDA)
 
     def validate(self) -> None:
         _require(self.lr > 0, f"trainer.lr={self.lr} must be > 0 (e.g. trainer.lr=2e-4)")
@@ -164,6 +250,11 @@ class TrainerConfig:
         _require(self.eval_every > 0, f"trainer.eval_every={self.eval_every} must be > 0")
         _require_choice(self.schedule, "trainer.schedule", SCHEDULES)
         _require_choice(self.precision, "trainer.precision", PRECISIONS)
+        _require(self.save_every is None or self.save_every > 0,
+                 f"trainer.save_every={self.save_every} must be > 0 (or null: checkpoint only on Ctrl-C)")
+        _require(self.keep_checkpoints > 0, f"trainer.keep_checkpoints={self.keep_checkpoints} must be > 0")
+        _require_choice(self.on_nonfinite, "trainer.on_nonfinite", NONFINITE_POLICIES)
+        _require(self.num_processes > 0, f"trainer.num_processes={self.num_processes} must be > 0")
 
 
 @dataclass
@@ -206,11 +297,15 @@ class MergeConfig:
     probes: int = 4  # eval examples used as probe inputs
     overwrite: bool = False
     max_shard_size: str = "2GB"
+    # ScaLoRA runs: also export a stock peft LoRA of this rank (truncated SVD of each module's total update).
+    export_rank: int | None = None
 
     def validate(self) -> None:
         _require_choice(self.dtype, "merge.dtype", DTYPES)
         _require(self.tolerance > 0, f"merge.tolerance={self.tolerance} must be > 0")
         _require(self.probes > 0, f"merge.probes={self.probes} must be > 0")
+        _require(self.export_rank is None or self.export_rank > 0,
+                 f"merge.export_rank={self.export_rank} must be > 0 (or null)")
 
 
 @dataclass
@@ -224,6 +319,8 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    # Continue an interrupted run: `auto` (the newest checkpoint of hydra.run.dir) or a checkpoint folder.
+    resume: str | None = None
     debug: bool = False  # show Python tracebacks for user errors
 
     def validate(self) -> RunConfig:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from lora_cli.config import DatasetConfig
@@ -243,6 +244,43 @@ def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSpl
         fingerprints.append(fingerprint(conversations))
     digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
     return splits[0], splits[1], digest
+
+
+# ---------------------------------------------------------------- batching
+
+
+@lru_cache(maxsize=4)
+def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    """Epoch `epoch`'s shuffled order: a function of (n, seed, epoch) alone, so a resumed run, or another
+    process, computes the same order without any state."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return tuple(torch.randperm(n, generator=generator).tolist())
+
+
+def take(examples: list[dict], seed: int, start: int, count: int) -> list[dict]:
+    """Examples [start, start + count) of the endless stream that concatenates every epoch's shuffled order.
+
+    One integer, the position, is the whole data state of a run: every example is seen exactly once per
+    epoch, a step may straddle two epochs, and resuming at position p continues exactly where it stopped."""
+    n, taken = len(examples), []
+    while len(taken) < count:
+        epoch, offset = divmod(start + len(taken), n)
+        order = epoch_order(n, seed, epoch)
+        taken += [examples[i] for i in order[offset: offset + count - len(taken)]]
+    return taken
+
+
+def micro_batches(step_examples: list[dict], batch_size: int, rank: int, world: int, pad_id: int) -> list[dict]:
+    """This process's micro-batches of one optimizer step.
+
+    The step's examples are sorted by length first (less padding; the step's gradient is a sum over the
+    same examples either way), then micro-batch k of process `rank` is slice (k * world + rank) of size
+    `batch_size`: N processes x batch b see exactly the examples of 1 process x batch N * b."""
+    ordered = sorted(step_examples, key=lambda e: len(e["input_ids"]))
+    slices = range(rank, len(ordered) // batch_size, world)
+    return [collate(ordered[i * batch_size:(i + 1) * batch_size], pad_id) for i in slices]
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:

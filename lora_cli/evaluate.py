@@ -18,7 +18,7 @@ from pathlib import Path
 from lora_cli.config import RunConfig
 from lora_cli.data import collate, load_train_eval, sample, to_messages, tokenize_split
 from lora_cli.report import eval_table, progress_steps
-from lora_cli.runs import load_adapted
+from lora_cli.runs import base_only, load_adapted
 from lora_cli.train import evaluate_loss
 
 CARD_START, CARD_END = "<!-- lora eval -->", "<!-- /lora eval -->"
@@ -89,7 +89,11 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], cfg: RunConfig
 @contextmanager
 def merged_for_decoding(model):
     """Fold the adapter into the base weights while decoding: token-by-token generation pays the adapter's
-    extra matmuls at every step otherwise. Unfolded afterwards, so the run's model is unchanged."""
+    extra matmuls at every step otherwise. Unfolded afterwards, so the run's model is unchanged. A 4-bit
+    base is left as is: merging into it would re-quantize (lossy), and the numbers must be the trained model's."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model.base_model.model, "is_loaded_in_4bit", False):
+        yield
+        return
     model.merge_adapter()
     try:
         yield
@@ -119,7 +123,7 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
 
     results, outputs = {}, {}
     for name in ("base", "adapter"):
-        with model.disable_adapter() if name == "base" else merged_for_decoding(model):
+        with base_only(adapted) if name == "base" else merged_for_decoding(model):
             t0 = time.perf_counter()
             loss = evaluate_loss(model, batches, model.device)
             outputs[name] = generate_replies(model, tokenizer, prompts, cfg, metric == "exact_match", name)

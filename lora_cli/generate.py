@@ -10,7 +10,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from lora_cli.config import GenerateConfig, RunConfig
-from lora_cli.runs import load_adapted
+from lora_cli.runs import base_only, load_adapted
 
 
 def reply(model, tokenizer, messages: list[dict], cfg: GenerateConfig) -> str:
@@ -33,7 +33,7 @@ def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
     adapted = load_adapted(run_dir, cfg)
     model, tokenizer = adapted.model, adapted.tokenizer
     history = [{"role": "system", "content": cfg.dataset.system_prompt}] if cfg.dataset.system_prompt else []
-    with nullcontext() if cfg.generate.adapter else model.disable_adapter():
+    with nullcontext() if cfg.generate.adapter else base_only(adapted):
         if prompt is not None:
             reply(model, tokenizer, [*history, {"role": "user", "content": prompt}], cfg.generate)
             return

@@ -43,6 +43,13 @@ def logits(model, batch: dict):
     return out * batch["attention_mask"][..., None]  # padded positions are not part of the contract
 
 
+def quantized_distance(run_dir: Path, cfg: RunConfig, probes: dict, reference) -> float:
+    """How far the model as trained (4-bit base + adapter) is from the full-precision merge: the
+    quantisation error the merged checkpoint removes. Expected non-zero; reported, never failed on."""
+    trained = load_adapted(run_dir, cfg)
+    return (logits(trained.model, probes) - reference).abs().max().item()
+
+
 def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -50,9 +57,11 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
     check_output(out_dir, cfg.merge.overwrite)
     # Always merge in fp32, whatever the run trained in; merge.dtype only sets how the result is stored.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
-    adapted = load_adapted(run_dir, cfg)
+    # Never merge into a quantized base: a QLoRA run's base is re-loaded in full precision here.
+    adapted = load_adapted(run_dir, cfg, full_precision=True)
     probes = probe_batch(cfg, adapted.tokenizer)
     reference = logits(adapted.model, probes)
+    quantization_diff = quantized_distance(run_dir, cfg, probes, reference) if cfg.adapter.quantize else None
     merged = adapted.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse non-finite weights
     merge_diff = (logits(merged, probes) - reference).abs().max().item()
 
@@ -70,7 +79,8 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
         result = {"run_dir": str(run_dir), "output": str(out_dir), "dtype": cfg.merge.dtype,
                   "probes": int(probes["input_ids"].shape[0]), "merge_max_abs_diff": merge_diff,
                   "saved_max_abs_diff": saved_diff, "tolerance": cfg.merge.tolerance,
-                  "parity": "pass", "parameters": sum(p.numel() for p in reloaded.parameters())}
+                  "parity": "pass", "parameters": sum(p.numel() for p in reloaded.parameters()),
+                  "quantized_max_abs_diff": quantization_diff}
         write_card(tmp, run_dir, adapted, cfg, result, command)
         publish(tmp, out_dir)
     finally:

@@ -13,7 +13,7 @@ stdout = Console(highlight=False)
 
 
 @contextmanager
-def progress_bar(total: int, disable: bool = False):
+def progress_bar(total: int, completed: int = 0, disable: bool = False):
     """A rich bar showing step, loss, lr, tokens/s, latest eval loss and ETA."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -23,7 +23,8 @@ def progress_bar(total: int, disable: bool = False):
                    "  eval {task.fields[eval_loss]:.4f}"),
         TextColumn("ETA"), TimeRemainingColumn(),
         console=console, disable=disable)
-    task = progress.add_task("train", total=total, loss=float("nan"), lr=0.0, tps=0.0, eval_loss=float("nan"))
+    task = progress.add_task("train", total=total, completed=completed, loss=float("nan"), lr=0.0, tps=0.0,
+                             eval_loss=float("nan"))
     with progress:
         yield progress, task
 
@@ -131,6 +132,10 @@ def merge_table(result: dict) -> None:
                    f"on {result['probes']} eval examples (tolerance {result['tolerance']:g})"),
     ]:
         table.add_row(name, value)
+    if result.get("quantized_max_abs_diff") is not None:
+        table.add_row("4-bit base error", f"max |(4-bit base + adapter) - merged| = "
+                                          f"{result['quantized_max_abs_diff']:.3g} (the quantisation error the "
+                                          "full-precision merge removes; reported, not checked)")
     stdout.print(table)
 
 

@@ -3,7 +3,8 @@ with the adapter on top. `lora eval`, `lora generate` and `lora merge` all start
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from lora_cli.config import RunConfig, to_run_config
@@ -12,14 +13,37 @@ from lora_cli.models import Checkpoint, load_model, load_tokenizer, resolve_chec
 from lora_cli.report import console
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# Base weights a variant changed during training (ScaLoRA merges into them), keyed as in the base checkpoint.
+BASE_WEIGHTS = "base_weights.safetensors"
 
 
 @dataclass
 class AdaptedModel:
-    model: object  # peft.PeftModel; `with model.disable_adapter():` gives the base model
+    model: object  # peft.PeftModel; `base_only(adapted)` gives the pristine base model
     tokenizer: object
     checkpoint: Checkpoint
     adapter_dir: Path
+    pristine: dict = field(default_factory=dict)  # original values of the base weights BASE_WEIGHTS replaced
+
+
+@contextmanager
+def base_only(adapted: AdaptedModel):
+    """The base model as it was before training: the adapter disabled and, where the variant changed base
+    weights (ScaLoRA), the original ones swapped back in for the duration."""
+    import torch
+
+    weights = {k.removeprefix("base_model.model."): p for k, p in adapted.model.named_parameters()}
+    trained = {key: weights[key].detach().clone() for key in adapted.pristine}
+    with torch.no_grad():
+        for key, value in adapted.pristine.items():
+            weights[key].copy_(value)
+    try:
+        with adapted.model.disable_adapter():
+            yield adapted.model
+    finally:
+        with torch.no_grad():
+            for key, value in trained.items():
+                weights[key].copy_(value)
 
 
 def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
@@ -80,8 +104,27 @@ def base_hash_recorded(adapter_dir: Path) -> str | None:
         return (f.metadata() or {}).get("base_model_sha256")
 
 
-def load_adapted(run_dir: Path, cfg: RunConfig) -> AdaptedModel:
-    """Base model + the run's adapter, in eval mode. Warns if the base changed since training."""
+def apply_base_weights(base, adapter_dir: Path) -> dict:
+    """Put the base weights a variant trained (BASE_WEIGHTS) into the base; returns the originals."""
+    from safetensors.torch import load_file
+
+    path = adapter_dir / BASE_WEIGHTS
+    if not path.is_file():
+        return {}
+    trained = load_file(path)
+    state = base.state_dict()
+    unknown = sorted(set(trained) - set(state))
+    if unknown:
+        raise UserError(f"{path} names weights this base model does not have ({unknown[0]}); was the run "
+                        "trained on another base?")
+    pristine = {key: state[key].detach().clone() for key in trained}
+    base.load_state_dict(trained, strict=False)
+    return pristine
+
+
+def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) -> AdaptedModel:
+    """Base model + the run's adapter, in eval mode, the base loaded as it was trained (4-bit for QLoRA
+    unless `full_precision`). Warns if the base changed since training."""
     from peft import PeftModel
 
     adapter_dir = check_adapter(run_dir)
@@ -91,10 +134,12 @@ def load_adapted(run_dir: Path, cfg: RunConfig) -> AdaptedModel:
         console.print(f"[yellow]warning: the base model's weights differ from those the adapter was trained on "
                       f"(sha256 {checkpoint.sha256[:12]} vs {recorded[:12]})[/]")
     tokenizer = load_tokenizer(checkpoint, cfg.model)
-    base = load_model(checkpoint, cfg.model, tokenizer)
+    quantize = None if full_precision else cfg.adapter.quantize
+    base = load_model(checkpoint, cfg.model, tokenizer, quantize, cfg.adapter.double_quant)
+    pristine = apply_base_weights(base, adapter_dir)
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except Exception as exc:
         raise UserError(f"cannot load the adapter in {adapter_dir}: {str(exc).splitlines()[0][:160]}") from None
     model.eval()
-    return AdaptedModel(model, tokenizer, checkpoint, adapter_dir)
+    return AdaptedModel(model, tokenizer, checkpoint, adapter_dir, pristine)

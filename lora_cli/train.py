@@ -1,8 +1,11 @@
 """`lora train`: one training loop, read top to bottom.
 
-setup (accelerator, base model, data, adapter, optimizer) -> evaluate -> train steps with periodic eval ->
-save artifacts -> summary. `accelerate` runs it in-process on one device or, unchanged, on N processes
-under `accelerate launch`; only the main process writes files or prints progress.
+setup (accelerator, base model, data, adapter variant, optimizer, resume) -> evaluate -> optimizer steps with
+periodic eval and checkpoints -> save artifacts -> summary. `accelerate` runs it in-process on one device
+or, unchanged, on N processes under `accelerate launch`; only the main process writes files or prints.
+
+One optimizer step: micro-batches (forward, backward) -> non-finite check -> variant.before_clip ->
+clip -> optimizer.step -> scheduler.step -> variant.after_step -> log -> eval / checkpoint when due.
 """
 
 from __future__ import annotations
@@ -10,14 +13,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from contextlib import nullcontext
-from functools import partial
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from lora_cli import artifacts
-from lora_cli.adapters import apply_adapter
+from lora_cli import adapters, artifacts, checkpoint
+from lora_cli.checkpoint import TrainState
 from lora_cli.config import RunConfig, TrainerConfig
-from lora_cli.data import IGNORE_INDEX, TokenizedSplit, collate, prepare
+from lora_cli.data import IGNORE_INDEX, TokenizedSplit, collate, micro_batches, prepare, take
+from lora_cli.errors import Interrupted, UserError
 from lora_cli.models import load_model, load_tokenizer, resolve_checkpoint
 from lora_cli.report import console, print_data_plan, print_summary, progress_bar
 
@@ -59,6 +62,11 @@ def count_label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
+def predicted_labels(example: dict) -> int:
+    """Label tokens of one example that a loss is computed on (position 0 is never predicted)."""
+    return sum(t != IGNORE_INDEX for t in example["labels"][1:])
+
+
 def evaluate_loss(model, loader, device) -> float:
     """Token-weighted mean loss over a whole split. Each process evaluates all of it (eval sets are small),
     so the number is the same everywhere without any communication."""
@@ -76,42 +84,94 @@ def evaluate_loss(model, loader, device) -> float:
     return total / tokens
 
 
-def endless(loader):
-    """Micro-batches across epoch boundaries; the loader's seeded generator reshuffles each epoch."""
-    while True:
-        yield from loader
-
-
-def total_steps(trainer: TrainerConfig, batches_per_epoch: int) -> int:
+def total_steps(trainer: TrainerConfig, examples: int, step_size: int) -> int:
     if trainer.max_steps:
         return trainer.max_steps
-    return max(1, math.ceil(trainer.epochs * batches_per_epoch / trainer.grad_accum))
+    return max(1, math.ceil(trainer.epochs * examples / step_size))
 
 
-def build_optimizer(model, trainer: TrainerConfig, steps: int):
+def build_optimizer(param_groups: list[dict], trainer: TrainerConfig, steps: int):
     import torch
     from transformers import get_scheduler
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=trainer.lr, weight_decay=trainer.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=trainer.lr, weight_decay=trainer.weight_decay)
     name = {"constant": "constant_with_warmup"}.get(trainer.schedule, trainer.schedule)
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=int(trainer.warmup_ratio * steps),
                               num_training_steps=steps)
     return optimizer, scheduler
 
 
-def data_loaders(train_split: TokenizedSplit, eval_split: TokenizedSplit, trainer: TrainerConfig, pad_id: int):
-    import torch
-    from torch.utils.data import DataLoader
+def eval_batches(split: TokenizedSplit, batch_size: int, pad_id: int) -> list[dict]:
+    """Eval order does not change the mean, so similar lengths are batched together: less padding."""
+    by_length = sorted(split.examples, key=lambda e: len(e["input_ids"]))
+    return [collate(by_length[i:i + batch_size], pad_id) for i in range(0, len(by_length), batch_size)]
 
-    collate_fn = partial(collate, pad_id=pad_id)
-    generator = torch.Generator().manual_seed(trainer.seed)
-    train_loader = DataLoader(train_split.examples, batch_size=trainer.batch_size, shuffle=True,
-                              generator=generator, collate_fn=collate_fn, drop_last=False)
-    # Eval order does not change the mean, so batch similar lengths together: less padding to compute.
-    by_length = sorted(eval_split.examples, key=lambda e: len(e["input_ids"]))
-    eval_loader = DataLoader(by_length, batch_size=trainer.eval_batch_size, collate_fn=collate_fn)
-    return train_loader, eval_loader
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in backward. Non-reentrant checkpointing needs no input grads, so
+    it works with a frozen embedding layer."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def grads_finite(params) -> bool:
+    import torch
+
+    grads = [p.grad for p in params if p.grad is not None]
+    return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM during training ask for a checkpoint at the end of the current step; a second Ctrl-C
+    stops at once. Processes agree on the request, so all of them stop after the same step."""
+
+    def __init__(self):
+        self.requested = False
+
+    @contextmanager
+    def installed(self):
+        import signal
+
+        def handle(signum, frame):
+            self.requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def agreed(self, accelerator) -> bool:
+        import torch
+
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(int(self.requested), device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item())
+
+
+class MetricsLog:
+    """metrics.jsonl, one record per step or eval; the records also stay in memory (plots, checkpoints)."""
+
+    def __init__(self, path: Path, records: list[dict], enabled: bool):
+        self.records = records
+        self.file = open(path, "w") if enabled else None  # noqa: SIM115 (closed by close())
+        if self.file:
+            self.file.write("".join(json.dumps(r) + "\n" for r in records))
+
+    def log(self, record: dict) -> None:
+        self.records.append(record)
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        return [(r["step"], r[key]) for r in self.records if key in r]
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
 
 
 def train(cfg: RunConfig, run_dir: Path, command: str):
@@ -120,103 +180,134 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from lora_cli.artifacts import config_yaml
+
     started = time.perf_counter()
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.trainer.precision))
-    is_main = accelerator.is_main_process
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     set_seed(cfg.trainer.seed)
+    resume_from = checkpoint.resolve_resume(cfg.resume, run_dir)
+    if resume_from:
+        checkpoint.check_same_run(resume_from, config_yaml(cfg))
 
     # ---- setup: base model, data, adapter, optimizer
     with accelerator.main_process_first():  # one process converts/builds a cached base, the others wait
-        checkpoint = resolve_checkpoint(cfg.model)
-    tokenizer = load_tokenizer(checkpoint, cfg.model)
+        base = resolve_checkpoint(cfg.model)
+    tokenizer = load_tokenizer(base, cfg.model)
     train_split, eval_split, data_fingerprint = prepare(cfg.dataset, tokenizer)
-    model = apply_adapter(load_model(checkpoint, cfg.model, tokenizer), cfg.adapter)
+    step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * world  # examples per optimizer step
+    steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
+    variant = adapters.build(cfg.adapter, cfg.trainer, steps)
+    model = variant.apply(load_model(base, cfg.model, tokenizer, cfg.adapter.quantize, cfg.adapter.double_quant,
+                                     accelerator.device))
+    if cfg.trainer.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     trainable, total_params = model.get_nb_trainable_parameters()
-    train_loader, eval_loader = data_loaders(train_split, eval_split, cfg.trainer, tokenizer.pad_token_id)
-    steps = total_steps(cfg.trainer, math.ceil(len(train_loader) / accelerator.num_processes))
-    optimizer, scheduler = build_optimizer(model, cfg.trainer, steps)
+    optimizer, scheduler = build_optimizer(variant.param_groups(model, cfg.trainer), cfg.trainer, steps)
+    state, records = TrainState(), []
+    if resume_from:
+        state, records = checkpoint.restore(resume_from, model, variant, optimizer, scheduler)
     # The scheduler is not prepared: accelerate would step it once per process per step.
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    head = accelerator.unwrap_model(model).get_output_embeddings()
+    model, optimizer = accelerator.prepare(model, optimizer)
+    peft_model, torch_optimizer = accelerator.unwrap_model(model), optimizer.optimizer
+    head = peft_model.get_output_embeddings()
+    evaluation = eval_batches(eval_split, cfg.trainer.eval_batch_size, tokenizer.pad_token_id)
     if is_main:
         print_data_plan(train_split, eval_split, steps, trainable, total_params)
+        if resume_from:
+            console.print(f"resuming from {resume_from} (step {state.step} of {steps})")
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = run_dir / "metrics.jsonl"
-    metrics_file = open(metrics_path, "w") if is_main else None  # noqa: SIM115 (closed below)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", records, enabled=is_main)
 
-    def log(record: dict) -> None:
-        if metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+    def save_checkpoint() -> Path:
+        path = checkpoint.step_dir(run_dir, state.step)
+        if is_main:
+            checkpoint.save(path, peft_model, variant, torch_optimizer, scheduler, state, metrics.records,
+                            config_yaml(cfg), cfg.trainer.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
 
     # ---- train
-    eval_before = evaluate_loss(accelerator.unwrap_model(model), eval_loader, accelerator.device)
-    log({"step": 0, "eval_loss": eval_before})
-    history = {"train_loss": [], "eval_loss": [(0, eval_before)], "tokens": 0, "train_time": 0.0}
-    batches = endless(train_loader)
+    if state.step == 0:
+        metrics.log({"step": 0, "eval_loss": evaluate_loss(peft_model, evaluation, accelerator.device)})
+    if resume_from:
+        checkpoint.restore_rng(resume_from)  # last, so nothing above consumes the restored generators
     model.train()
-    with progress_bar(steps, disable=not is_main) as (progress, task):
-        for step in range(1, steps + 1):
+    params = [p for p in model.parameters() if p.requires_grad]
+    stop = StopRequest()
+    with progress_bar(steps, completed=state.step, disable=not is_main) as (progress, task), stop.installed():
+        for step in range(state.step + 1, steps + 1):
             t0 = time.perf_counter()
-            micro_batches = [next(batches) for _ in range(cfg.trainer.grad_accum)]
-            # Normalise by the labelled tokens of the whole step, summed over processes; DDP averages
-            # gradients over processes, hence the factor num_processes.
-            step_tokens = accelerator.reduce(
-                torch.tensor(sum(count_label_tokens(b) for b in micro_batches), device=accelerator.device),
-                reduction="sum").item()
-            loss_sum = 0.0
-            for i, batch in enumerate(micro_batches):
+            step_examples = take(train_split.examples, cfg.trainer.seed, state.consumed, step_size)
+            batches = micro_batches(step_examples, cfg.trainer.batch_size, rank, world, tokenizer.pad_token_id)
+            # Normalise by the labelled tokens of the whole step over all processes; DDP averages gradients
+            # over processes, hence the factor `world`.
+            step_tokens = sum(predicted_labels(e) for e in step_examples)
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(batches):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 # Only the last micro-batch needs the gradient all-reduce; skipping it before saves traffic.
-                sync = i == len(micro_batches) - 1
-                with nullcontext() if sync else accelerator.no_sync(model):
+                with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
                     loss = token_loss_sum(model, head, batch)
-                    accelerator.backward(loss * accelerator.num_processes / step_tokens)
+                    accelerator.backward(loss * world / step_tokens)
                 loss_sum += loss.detach()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
-            optimizer.step()
+            train_loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
+            state.step, state.consumed = step, state.consumed + step_size
+            record = {"step": step}
+            if math.isfinite(train_loss) and grads_finite(params):
+                record |= variant.before_clip(peft_model, torch_optimizer, step)
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.trainer.max_grad_norm)
+                optimizer.step()
+                record |= {"grad_norm": float(grad_norm)}
+            elif cfg.trainer.on_nonfinite == "stop":
+                raise UserError(f"non-finite loss or gradients at step {step} (loss {train_loss}); the last good "
+                                f"checkpoint, if any, is in {run_dir / checkpoint.FOLDER}; lower trainer.lr, "
+                                "or set trainer.on_nonfinite=skip to drop such steps")
+            else:
+                record |= {"skipped": "non-finite"}
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            record |= variant.after_step(peft_model)
 
-            train_loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
-            seen = accelerator.reduce(
-                torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro_batches),
-                             device=accelerator.device), reduction="sum").item()
+            seen = sum(len(e["input_ids"]) for e in step_examples)
             elapsed = time.perf_counter() - t0
-            history["tokens"] += seen
-            history["train_time"] += elapsed
-            history["train_loss"].append((step, train_loss))
+            state.tokens, state.train_time = state.tokens + seen, state.train_time + elapsed
             lr = scheduler.get_last_lr()[0]
-            log({"step": step, "loss": train_loss, "lr": lr, "grad_norm": float(grad_norm),
-                 "tokens": seen, "trained_tokens": step_tokens, "tokens_per_s": seen / elapsed})
-            progress.update(task, advance=1, loss=train_loss, lr=lr,
-                            tps=history["tokens"] / history["train_time"])
+            metrics.log({"step": step, "loss": train_loss, "lr": lr, **record, "tokens": seen,
+                         "trained_tokens": step_tokens, "tokens_per_s": seen / elapsed})
+            progress.update(task, advance=1, loss=train_loss, lr=lr, tps=state.tokens / state.train_time)
 
             if step % cfg.trainer.eval_every == 0 or step == steps:
-                eval_loss = evaluate_loss(accelerator.unwrap_model(model), eval_loader, accelerator.device)
-                history["eval_loss"].append((step, eval_loss))
-                log({"step": step, "eval_loss": eval_loss})
+                eval_loss = evaluate_loss(peft_model, evaluation, accelerator.device)
+                metrics.log({"step": step, "eval_loss": eval_loss})
                 progress.update(task, eval_loss=eval_loss)
+            if stop.agreed(accelerator):
+                raise Interrupted(step, save_checkpoint())
+            if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 and step < steps:
+                save_checkpoint()
 
     # ---- save
+    train_loss, eval_loss = metrics.series("loss"), metrics.series("eval_loss")
     result = {
         "run_dir": str(run_dir), "steps": steps, "variant": cfg.adapter.name, "r": cfg.adapter.r,
         "trainable_params": trainable, "total_params": total_params,
-        "train_loss_first": history["train_loss"][0][1], "train_loss_last": history["train_loss"][-1][1],
-        "eval_loss_before": eval_before, "eval_loss_after": history["eval_loss"][-1][1],
-        "tokens_per_s": history["tokens"] / history["train_time"],
+        "train_loss_first": train_loss[0][1], "train_loss_last": train_loss[-1][1],
+        "eval_loss_before": eval_loss[0][1], "eval_loss_after": eval_loss[-1][1],
+        "tokens_per_s": state.tokens / state.train_time,
         "wall_time_s": time.perf_counter() - started, "peak_memory": artifacts.peak_memory(),
         "train_examples": len(train_split.examples), "eval_examples": len(eval_split.examples),
         "truncated": train_split.truncated + eval_split.truncated,
         "dropped": train_split.dropped + eval_split.dropped,
     }
     if is_main:
-        metrics_file.close()
-        provenance = artifacts.provenance(checkpoint, data_fingerprint, cfg)
+        metrics.close()
+        provenance = artifacts.provenance(base, data_fingerprint, cfg)
         artifacts.write_config(run_dir, cfg)
-        artifacts.save_adapter(accelerator.unwrap_model(model), tokenizer, run_dir / "adapter", provenance)
-        artifacts.plot_loss(history["train_loss"], history["eval_loss"], run_dir / "loss.png")
+        artifacts.save_adapter(variant, peft_model, tokenizer, run_dir / "adapter", provenance)
+        artifacts.plot_loss(train_loss, eval_loss, run_dir / "loss.png")
+        variant.finish(peft_model, run_dir, metrics.records)
         artifacts.write_model_card(run_dir, cfg, result, provenance, command)
         print_summary(result)
     accelerator.end_training()
-    return result, accelerator.unwrap_model(model)
+    return result, peft_model

@@ -3,17 +3,13 @@ overrides only the hooks where its method differs; `build` picks one by `adapter
 
 from __future__ import annotations
 
-from lora_cli.config import AdapterConfig
+from lora_cli.config import AdapterConfig, TrainerConfig
 
 
-def build(cfg: AdapterConfig):
-    """The variant object for `adapter=NAME`; heavy imports stay inside the variant's methods."""
+def build(cfg: AdapterConfig, trainer: TrainerConfig | None = None, steps: int = 0):
+    """The variant object for `adapter=NAME`. QLoRA is LoRA on a 4-bit base (`adapter.quantize`), which
+    `models.load_model` handles, so it needs no class of its own."""
     from lora_cli.adapters import lora
 
-    variants = {"lora": lora.Lora}
-    return variants[cfg.name](cfg)
-
-
-def apply_adapter(model, cfg: AdapterConfig):
-    """Wrap a frozen base model with the configured adapter; only adapter weights stay trainable."""
-    return build(cfg).apply(model)
+    variants = {"lora": lora.Lora, "qlora": lora.Lora}
+    return variants[cfg.name](cfg, trainer, steps)

@@ -65,18 +65,20 @@ def lora_layers(model) -> dict[str, object]:
 class Lora:
     """Plain LoRA. Subclasses override only the hooks where their method differs."""
 
-    def __init__(self, cfg: AdapterConfig):
+    def __init__(self, cfg: AdapterConfig, trainer: TrainerConfig | None = None, steps: int = 0):
+        """`trainer` and `steps` describe the training run (None/0 when only loading for inference)."""
         self.cfg = cfg
-
-    def quantization(self, on_cuda: bool):
-        """A transformers `BitsAndBytesConfig` to load the base with, or None for full precision."""
-        return None
+        self.trainer = trainer
+        self.steps = steps
 
     def apply(self, model):
-        """Wrap the frozen base model; only the adapter's parameters stay trainable."""
-        from peft import get_peft_model
+        """Wrap the frozen base model; only the adapter's parameters stay trainable. A 4-bit base (QLoRA) is
+        prepared first: peft casts its norms and embeddings to fp32 for stable training."""
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
         check_targets(model, self.cfg)
+        if getattr(model, "is_loaded_in_4bit", False):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, lora_config(self.cfg))
 
     def param_groups(self, model, trainer: TrainerConfig) -> list[dict]:

@@ -1,0 +1,220 @@
+"""Resumable training state: written atomically, read back exactly, never pickled.
+
+A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNN/`:
+
+    model.safetensors      every trainable parameter by name, plus the variant's own state ("variant." keys)
+    optimizer.safetensors  the optimizer's per-parameter tensors ("<param index>.<name>")
+    rng.safetensors        torch's CPU (and CUDA) generator states
+    state.json             step, data position, counters, optimizer param groups, scheduler, Python/NumPy RNG
+    metrics.jsonl          the run's metrics up to this step (a resumed run's metrics continue from these)
+    config.yaml            the run config, to refuse resuming a different run
+
+It is written into a temp folder, fsync'ed and renamed into place, so a folder named step-N is complete;
+`state.json` is written last and is what marks one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lora_cli.errors import UserError
+from lora_cli.paths import publish, staging_dir
+
+FOLDER = "checkpoints"
+STATE = "state.json"
+# Keys that may differ between a checkpoint's run and the run resuming it: they change no update.
+RESUMABLE_CHANGES = ("resume", "debug", "trainer.save_every", "trainer.keep_checkpoints", "trainer.eval_every",
+                     "trainer.eval_at_end", "trainer.on_nonfinite", "eval.", "generate.", "merge.")
+
+
+@dataclass
+class TrainState:
+    """Where a run is: optimizer steps done, examples consumed from the data stream, and counters."""
+
+    step: int = 0
+    consumed: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / FOLDER / f"step-{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    folder = run_dir / FOLDER
+    found = [p for p in folder.glob("step-*") if (p / STATE).is_file()] if folder.is_dir() else []
+    return sorted(found)
+
+
+def check_run_dir(run_dir: Path, resume: str | None) -> None:
+    """A run dir is written by one run: a finished one is never touched, an unfinished one only resumed."""
+    if (run_dir / "adapter").exists():
+        raise UserError(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir or move that "
+                        "run away")
+    existing = complete_checkpoints(run_dir)
+    if existing and resume is None:
+        raise UserError(f"{run_dir} holds an unfinished run (checkpoint {existing[-1].name}); add resume=auto to "
+                        "continue it, or pick another hydra.run.dir")
+
+
+def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
+    """The checkpoint folder to resume from: `auto` is the newest in run_dir (None if it has none yet)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        existing = complete_checkpoints(run_dir)
+        return existing[-1] if existing else None
+    path = Path(resume).expanduser()
+    if not (path / STATE).is_file():
+        raise UserError(f"resume={resume} is not a lora-cli checkpoint (no {STATE} in it); pass a "
+                        f"RUN_DIR/{FOLDER}/step-NNNNNN folder, or resume=auto with hydra.run.dir=RUN_DIR")
+    return path
+
+
+def check_same_run(path: Path, config_yaml: str) -> None:
+    """Refuse to resume a checkpoint of a different config, naming the keys that differ."""
+    from omegaconf import OmegaConf
+
+    def flat(text: str) -> dict:
+        return _flatten(OmegaConf.to_container(OmegaConf.create(text)))
+
+    saved, current = flat((path / "config.yaml").read_text()), flat(config_yaml)
+    differ = sorted(k for k in saved.keys() | current.keys()
+                    if saved.get(k) != current.get(k) and not k.startswith(RESUMABLE_CHANGES))
+    if differ:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in differ[:4])
+        more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
+        raise UserError(f"resume={path} belongs to a run with a different config: {shown}{more}; resume with "
+                        "the same settings or start a new run")
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if isinstance(node, dict):
+        return {k: v for key, child in node.items() for k, v in _flatten(child, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def save(path: Path, model, variant, optimizer, scheduler, state: TrainState, records: list[dict],
+         config_yaml: str, keep: int) -> None:
+    """Write one checkpoint atomically, then keep only the newest `keep`. Out of disk space leaves the
+    previous checkpoints intact and says so."""
+    from safetensors.torch import save_file
+
+    tmp = staging_dir(path)
+    try:
+        save_file(_model_tensors(model, variant), tmp / "model.safetensors")
+        optimizer_tensors, optimizer_json = _split_optimizer(optimizer.state_dict())
+        save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+        save_file(_torch_rng(), tmp / "rng.safetensors")
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        (tmp / "config.yaml").write_text(config_yaml)
+        state_json = {"state": asdict(state), "optimizer": optimizer_json, "scheduler": scheduler.state_dict(),
+                      "rng": _python_rng()}
+        (tmp / STATE).write_text(json.dumps(state_json))
+        _fsync_tree(tmp)
+        publish(tmp, path)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise UserError(f"out of disk space while saving checkpoint {path}; free space and resume from the "
+                            "previous checkpoint with resume=auto") from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in complete_checkpoints(path.parent.parent)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def restore(path: Path, model, variant, optimizer, scheduler) -> tuple[TrainState, list[dict]]:
+    """Load a checkpoint into a freshly built model/optimizer/scheduler; returns the state and the metrics so
+    far. Call `restore_rng` separately, last, right before the first resumed step."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path / "model.safetensors")
+    params = dict(model.named_parameters())
+    for name, value in tensors.items():
+        if not name.startswith("variant."):
+            params[name].data.copy_(value)
+    variant.load_state_tensors(model, {k.removeprefix("variant."): v for k, v in tensors.items()
+                                       if k.startswith("variant.")})
+    saved = json.loads((path / STATE).read_text())
+    optimizer.load_state_dict(_join_optimizer(load_file(path / "optimizer.safetensors"), saved["optimizer"]))
+    scheduler.load_state_dict(saved["scheduler"])
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return TrainState(**saved["state"]), records
+
+
+def restore_rng(path: Path) -> None:
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    generators = load_file(path / "rng.safetensors")
+    torch.set_rng_state(generators["cpu"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([generators[f"cuda{i}"] for i in range(torch.cuda.device_count())
+                                      if f"cuda{i}" in generators])
+    saved = json.loads((path / STATE).read_text())["rng"]
+    version, internal, gauss = saved["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = saved["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+
+
+def _model_tensors(model, variant) -> dict:
+    tensors = {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    tensors.update({f"variant.{k}": v.detach().contiguous() for k, v in variant.state_tensors(model).items()})
+    return tensors
+
+
+def _split_optimizer(state_dict: dict) -> tuple[dict, dict]:
+    """Tensors to safetensors, everything else (hyperparameters, non-tensor state) to JSON."""
+    import torch
+
+    tensors, scalars = {}, {}
+    for index, entry in state_dict["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{key}"] = value.contiguous()
+            else:
+                scalars[f"{index}.{key}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict, saved: dict) -> dict:
+    state: dict[int, dict] = {}
+    for flat, value in [*tensors.items(), *saved["scalars"].items()]:
+        index, key = flat.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": saved["param_groups"]}
+
+
+def _torch_rng() -> dict:
+    import torch
+
+    generators = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        generators.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return generators
+
+
+def _python_rng() -> dict:
+    import numpy as np
+
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": list(random.getstate()), "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

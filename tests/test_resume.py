@@ -1,0 +1,131 @@
+"""Nothing lost: a run killed at any step resumes to the bit-identical adapter and the same losses; Ctrl-C
+checkpoints and says how to continue; a checkpoint of another config is refused; NaNs stop the run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import LORA, TINY, compose_run, lora, read_metrics
+from safetensors.torch import load_file
+from test_cli import assert_one_line_error
+
+RESUMABLE = [*TINY, "trainer.max_steps=24", "trainer.save_every=4", "trainer.eval_every=5",
+             "trainer.batch_size=2", "trainer.grad_accum=2"]
+VARIANTS = {"lora": ["adapter=lora"]}
+
+
+def start(args: list[str], run_dir) -> subprocess.Popen:
+    return subprocess.Popen([str(LORA), "train", "recipe=banking_support", *args, f"hydra.run.dir={run_dir}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def last_step(run_dir) -> int:
+    try:
+        return max(r["step"] for r in read_metrics(run_dir) if "loss" in r)
+    except (FileNotFoundError, ValueError, json.JSONDecodeError):  # not there yet, or a line half-written
+        return 0
+
+
+def interrupt_after(args: list[str], run_dir, step: int, sig: int) -> subprocess.Popen:
+    """Start a run and send `sig` once its metrics show `step` done."""
+    proc = start(args, run_dir)
+    while proc.poll() is None and last_step(run_dir) < step:
+        time.sleep(0.005)
+    assert proc.poll() is None, f"the run ended before step {step}: {proc.stderr.read()}"
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return proc
+
+
+def losses(run_dir) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(run_dir) if "loss" in r]
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_sigkill_then_resume_is_bit_identical(tmp_path, variant):
+    args = [*RESUMABLE, *VARIANTS[variant]]
+    reference = lora("train", "recipe=banking_support", *args, f"hydra.run.dir={tmp_path / 'reference'}")
+    assert reference.returncode == 0, reference.stderr
+
+    run_dir = tmp_path / "killed"
+    killed = interrupt_after(args, run_dir, step=6, sig=signal.SIGKILL)  # between the step-4 and step-8 saves
+    assert killed.returncode == -signal.SIGKILL
+    assert not (run_dir / "adapter").exists()
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert saved and saved[-1] != f"step-{last_step(run_dir):06d}"  # killed past its newest checkpoint
+
+    resumed = lora("train", "recipe=banking_support", *args, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
+    expected = load_file(tmp_path / "reference/adapter/adapter_model.safetensors")
+    got = load_file(run_dir / "adapter/adapter_model.safetensors")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert losses(run_dir) == losses(tmp_path / "reference")
+
+
+def test_ctrl_c_checkpoints_exits_130_and_says_how_to_resume(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = interrupt_after(RESUMABLE, run_dir, step=3, sig=signal.SIGINT)
+    stderr = proc.stderr.read()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert f"resume=auto hydra.run.dir={run_dir}" in stderr.splitlines()[-1]
+    assert list((run_dir / "checkpoints").glob("step-*/state.json"))
+    assert not (run_dir / "adapter").exists()
+    resumed = lora("train", "recipe=banking_support", *RESUMABLE, "resume=auto", f"hydra.run.dir={run_dir}")
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s for s, _ in losses(run_dir)] == list(range(1, 25))
+
+
+def test_resume_refuses_another_config_and_non_checkpoints(tmp_path):
+    run_dir = tmp_path / "run"
+    killed = interrupt_after(RESUMABLE, run_dir, step=5, sig=signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, f"hydra.run.dir={run_dir}"),
+                          "unfinished run", "resume=auto")
+    assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, "trainer.lr=1e-3", "resume=auto",
+                               f"hydra.run.dir={run_dir}"), "different config", "trainer.lr")
+    assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, f"resume={tmp_path}",
+                               f"hydra.run.dir={tmp_path / 'other'}"), "not a lora-cli checkpoint")
+    assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, "resume=auto"), "hydra.run.dir")
+
+
+def test_checkpoints_are_pruned_to_the_newest(tmp_path):
+    proc = lora("train", "recipe=banking_support", *RESUMABLE, "trainer.keep_checkpoints=2",
+                f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000016", "step-000020"]
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    proc = lora("train", "recipe=banking_support", *RESUMABLE, "trainer.lr=1e30", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]  # after the progress output of the steps that did run
+    assert "non-finite" in last and "at step" in last and "trainer.on_nonfinite=skip" in last, last
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_skip_drops_non_finite_steps_and_trains_on(tmp_path, monkeypatch):
+    from lora_cli import train as train_module
+
+    real = train_module.token_loss_sum
+    calls = {"n": 0}
+
+    def nan_on_third_step(model, head, batch):  # two micro-batches per step: training calls 5, 6 are step 3
+        calls["n"] += model.training
+        loss = real(model, head, batch)
+        return loss * float("nan") if model.training and calls["n"] in (5, 6) else loss
+
+    monkeypatch.setattr(train_module, "token_loss_sum", nan_on_third_step)
+    cfg = compose_run(["recipe=banking_support", *RESUMABLE, "trainer.max_steps=5", "trainer.on_nonfinite=skip"])
+    train_module.train(cfg, tmp_path, "test")
+    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert [r.get("skipped") for r in records] == [None, None, "non-finite", None, None]
+    lora_b = load_file(tmp_path / "adapter/adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in lora_b.values())
