@@ -15,6 +15,10 @@ from lora_cli.config import RunConfig
 from lora_cli.models import Checkpoint
 from lora_cli.paths import publish, staging_dir
 
+# Base weights a variant changed during training (ScaLoRA merges into them), keyed as in the base checkpoint;
+# written beside the adapter so pristine base + these + the adapter reproduce the trained model exactly.
+BASE_WEIGHTS = "base_weights.safetensors"
+
 
 def config_yaml(cfg: RunConfig) -> str:
     from omegaconf import OmegaConf

@@ -4,7 +4,7 @@ A checkpoint is a folder `RUN_DIR/checkpoints/step-NNNNNN/`:
 
     model.safetensors      every trainable parameter by name, plus the variant's own state ("variant." keys)
     optimizer.safetensors  the optimizer's per-parameter tensors ("<param index>.<name>")
-    rng.safetensors        torch's CPU (and CUDA) generator states
+    rng.safetensors        torch's CPU (and CUDA) generator states, one set per process
     state.json             step, data position, counters, optimizer param groups, scheduler, Python/NumPy RNG
     metrics.jsonl          the run's metrics up to this step (a resumed run's metrics continue from these)
     config.yaml            the run config, to refuse resuming a different run
@@ -102,9 +102,9 @@ def _flatten(node, prefix: str = "") -> dict:
 
 
 def save(path: Path, model, variant, optimizer, scheduler, state: TrainState, records: list[dict],
-         config_yaml: str, keep: int) -> None:
-    """Write one checkpoint atomically, then keep only the newest `keep`. Out of disk space leaves the
-    previous checkpoints intact and says so."""
+         config_yaml: str, keep: int, rng: list[dict]) -> None:
+    """Write one checkpoint atomically, then keep only the newest `keep`. `rng` holds every process's
+    generator states (`rng_state()`, gathered). Out of disk space leaves the previous checkpoints intact."""
     from safetensors.torch import save_file
 
     tmp = staging_dir(path)
@@ -112,11 +112,12 @@ def save(path: Path, model, variant, optimizer, scheduler, state: TrainState, re
         save_file(_model_tensors(model, variant), tmp / "model.safetensors")
         optimizer_tensors, optimizer_json = _split_optimizer(optimizer.state_dict())
         save_file(optimizer_tensors, tmp / "optimizer.safetensors")
-        save_file(_torch_rng(), tmp / "rng.safetensors")
+        save_file({f"{rank}.{k}": v for rank, r in enumerate(rng) for k, v in r["torch"].items()},
+                  tmp / "rng.safetensors")
         (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         (tmp / "config.yaml").write_text(config_yaml)
         state_json = {"state": asdict(state), "optimizer": optimizer_json, "scheduler": scheduler.state_dict(),
-                      "rng": _python_rng()}
+                      "rng": [r["python"] for r in rng]}
         (tmp / STATE).write_text(json.dumps(state_json))
         _fsync_tree(tmp)
         publish(tmp, path)
@@ -150,17 +151,31 @@ def restore(path: Path, model, variant, optimizer, scheduler) -> tuple[TrainStat
     return TrainState(**saved["state"]), records
 
 
-def restore_rng(path: Path) -> None:
+def rng_state() -> dict:
+    """This process's generators: torch CPU (and CUDA) as tensors, Python and NumPy as JSON-able lists."""
+    import numpy as np
+    import torch
+
+    generators = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        generators.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": generators,
+            "python": {"python": list(random.getstate()), "numpy": [name, keys.tolist(), pos, has_gauss, cached]}}
+
+
+def restore_rng(path: Path, rank: int) -> None:
+    """Put back process `rank`'s generators (dropout masks continue exactly where they stopped)."""
     import numpy as np
     import torch
     from safetensors.torch import load_file
 
     generators = load_file(path / "rng.safetensors")
-    torch.set_rng_state(generators["cpu"])
+    torch.set_rng_state(generators[f"{rank}.cpu"])
     if torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([generators[f"cuda{i}"] for i in range(torch.cuda.device_count())
-                                      if f"cuda{i}" in generators])
-    saved = json.loads((path / STATE).read_text())["rng"]
+        torch.cuda.set_rng_state_all([generators[f"{rank}.cuda{i}"] for i in range(torch.cuda.device_count())
+                                      if f"{rank}.cuda{i}" in generators])
+    saved = json.loads((path / STATE).read_text())["rng"][rank]
     version, internal, gauss = saved["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = saved["numpy"]
@@ -193,22 +208,6 @@ def _join_optimizer(tensors: dict, saved: dict) -> dict:
         index, key = flat.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": saved["param_groups"]}
-
-
-def _torch_rng() -> dict:
-    import torch
-
-    generators = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        generators.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    return generators
-
-
-def _python_rng() -> dict:
-    import numpy as np
-
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"python": list(random.getstate()), "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
 
 
 def _fsync_tree(folder: Path) -> None:

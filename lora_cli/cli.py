@@ -74,13 +74,15 @@ def run_train(args: list[str]) -> int:
     """`lora train`: validate the overrides, then let Hydra compose, make the run dir and call the job."""
     import hydra
 
-    from lora_cli import overrides
+    from lora_cli import launched, overrides
     from lora_cli.config import register_recipes, register_schemas
     from lora_cli.paths import shipped_dir
 
     configs, recipes = shipped_dir("configs"), shipped_dir("recipes")
     register_schemas()
     register_recipes(recipes)
+    if "--dry-run" in args:
+        return dry_run([a for a in args if a != "--dry-run"], configs, recipes)
     flags, _ = overrides.split_argv(args)
     if not overrides.HELP_FLAGS.intersection(flags):
         composed = overrides.check(configs, recipes, args)
@@ -94,8 +96,42 @@ def run_train(args: list[str]) -> int:
                 check_run_dir(Path(run_dir), run.resume)
             elif run.resume == "auto":
                 raise UserError("resume=auto continues the run in hydra.run.dir; add hydra.run.dir=RUN_DIR")
+            if launched.world_size() > 1:
+                if not run_dir:
+                    raise UserError("under accelerate launch every process must write the same run dir; add "
+                                    "hydra.run.dir=RUN_DIR")
+                if launched.rank() > 0:  # one process writes Hydra's .hydra/ record of the run
+                    args = [*args, "hydra.output_subdir=null"]
+            elif run.trainer.num_processes > 1:
+                return launched.launch(args, run.trainer.num_processes,
+                                       run_dir or overrides.run_dir(configs, recipes, args))
+        elif ({"-m", "--multirun"} & set(flags)) and any(
+                a.startswith("trainer.num_processes=") and a != "trainer.num_processes=1" for a in args):
+            raise UserError("trainer.num_processes>1 runs one job on several processes; it cannot be swept "
+                            "with -m (run the jobs one by one)")
     sys.argv = ["lora train", *args]
     hydra.main(config_path=str(configs), config_name="train", version_base="1.3")(train_job)()
+    return 0
+
+
+def dry_run(args: list[str], configs: Path, recipes: Path) -> int:
+    """`lora train --dry-run ...`: every check a run makes before training, then the plan; nothing is written."""
+    from lora_cli import overrides
+    from lora_cli.checkpoint import check_run_dir
+    from lora_cli.config import to_run_config
+    from lora_cli.report import print_plan, quiet_libraries
+
+    flags, _ = overrides.split_argv(args)
+    if flags:
+        raise UserError(f"--dry-run plans one run; drop {' '.join(flags)}")
+    run = to_run_config(overrides.check(configs, recipes, args))
+    run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+    if run_dir:
+        check_run_dir(Path(run_dir), run.resume)
+    quiet_libraries()
+    from lora_cli.plan import plan
+
+    print_plan(plan(run))
     return 0
 
 
@@ -105,6 +141,7 @@ def train_job(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from lora_cli import launched
     from lora_cli.errors import Interrupted
     from lora_cli.report import quiet_libraries
     from lora_cli.sweep import write_run_record
@@ -116,20 +153,26 @@ def train_job(cfg) -> None:
     command = " ".join(["lora train", *hydra_cfg.overrides.task])
     record = {"overrides": list(hydra_cfg.overrides.task), "variant": cfg.adapter.name, "r": cfg.adapter.r,
               "alpha": cfg.adapter.alpha}
+
+    def finish(status: str, message: str | None = None, **fields) -> None:
+        if launched.rank() == 0:  # under accelerate launch, the main process alone records and reports
+            write_run_record(run_dir, {"status": status, **record, **fields})
+            if message:
+                fail(message)
+
     try:
-        result = _train_and_evaluate(cfg, run_dir, command)
-        write_run_record(run_dir, {"status": "complete", **record, "result": result})
+        finish("complete", result=_train_and_evaluate(cfg, run_dir, command))
     except Interrupted as exc:
-        write_run_record(run_dir, {"status": "interrupted", **record, "reason": str(exc)})
         kept = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
-        fail(f"{exc}; continue with: lora train {' '.join(kept)} resume=auto hydra.run.dir={run_dir}")
+        finish("interrupted", f"{exc}; continue with: lora train {' '.join(kept)} resume=auto "
+                              f"hydra.run.dir={run_dir}", reason=str(exc))
         sys.exit(130)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
-        write_run_record(run_dir, {"status": "failed", **record, "reason": reason})
         if cfg.get("debug") or not (in_sweep or isinstance(exc, UserError)):
+            finish("failed", reason=reason)
             raise
-        fail(reason)
+        finish("failed", reason, reason=reason)
         if not in_sweep:
             sys.exit(2)
 

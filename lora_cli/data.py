@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -60,25 +61,105 @@ def _split_file(folder: Path, split: str) -> Path:
                     f"data files present: {present}); set dataset.train_split/eval_split to match")
 
 
-def _load_file(path: Path):
+def _load_file(path: Path, cfg: DatasetConfig):
+    """Check the file before `datasets` reads it: its reader's errors span lines and lack line numbers."""
+    _check_readable(path)
+    if path.suffix == ".jsonl":
+        _scan_jsonl(path, cfg)
+    elif path.suffix == ".csv":
+        _check_csv_has_rows(path)
     from datasets import load_dataset
 
-    if not path.is_file():
-        raise UserError(f"dataset file {path} does not exist; check dataset.path")
-    builder = FILE_BUILDERS.get(path.suffix)
-    if builder is None:
-        raise UserError(f"dataset file {path}: unsupported type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-    if path.stat().st_size == 0:
-        raise UserError(f"dataset file {path} is empty")
     try:
-        return load_dataset(builder, data_files=str(path), split="train")
+        with _datasets_silenced():
+            return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
     except Exception as exc:
-        raise UserError(f"could not read dataset file {path}: {_first_line(exc)}") from None
+        raise UserError(f"could not read dataset file {path}: {_first_line(exc)}; check its format") from None
 
 
-def _first_line(exc: Exception) -> str:
+def _check_readable(path: Path) -> None:
+    """Missing, wrong type, unreadable or empty: each with its own fix."""
+    if not path.exists():
+        raise UserError(f"dataset file {path} does not exist; check dataset.path")
+    if not path.is_file():
+        raise UserError(f"dataset file {path} is not a regular file; point dataset.path at a data file or folder")
+    if path.suffix not in FILE_BUILDERS:
+        raise UserError(f"dataset file {path}: unsupported type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+    try:
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        raise UserError(f"dataset file {path} is not readable (permission denied); make it readable "
+                        f"(chmod a+r {path}) or point dataset.path at a copy") from None
+    except OSError as exc:
+        raise UserError(f"dataset file {path} cannot be opened ({exc.strerror}); check dataset.path") from None
+    if path.stat().st_size == 0:
+        raise UserError(f"dataset file {path} is empty (0 bytes); point dataset.path at a file with examples")
+
+
+@contextmanager
+def _datasets_silenced():
+    """`datasets` logs a multi-line error of its own before raising; the one-line UserError says it all."""
+    import logging
+
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _first_line(exc: BaseException) -> str:
+    """The innermost cause's first line: `datasets` wraps the useful error in a generic one."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def _scan_jsonl(path: Path, cfg: DatasetConfig) -> None:
+    """Every line of a JSONL file parsed and checked as a row, so a bad one is named by file and line number.
+
+    One pass with `json.loads` per line, nothing kept: cheap next to `datasets`' own parsing."""
+    rows = 0
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{number}: not UTF-8 text; save the file as UTF-8 JSON Lines") from None
+            if not text.strip():
+                continue
+            rows += 1
+            row = {cfg.rename_columns.get(k, k): v for k, v in _json_row(text, path, number).items()}
+            problem = _row_problem(row, cfg)
+            if problem:
+                raise UserError(f"{path}:{number}: {problem}")
+    if rows == 0:
+        raise UserError(f"dataset file {path} holds only blank lines; add one JSON object per line")
+
+
+def _check_csv_has_rows(path: Path) -> None:
+    """A header and nothing else: `datasets` would only say that the split "corresponds to no data"."""
+    with open(path, encoding="utf-8", errors="replace") as lines:
+        for count, _ in enumerate(line for line in lines if line.strip()):
+            if count == 1:
+                return
+    raise UserError(f"dataset file {path} has a header but no data rows; add examples, one per line")
+
+
+def _json_row(text: str, path: Path, number: int) -> dict:
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix that line or "
+                        "remove it (JSON Lines: one complete JSON object per line)") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{path}:{number}: a JSON {type(row).__name__}, not an object; each line must be one "
+                        'object such as {"messages": [...]} or {"prompt": ..., "completion": ...}')
+    return row
 
 
 def _load_hub(cfg: DatasetConfig, split: str):
@@ -100,10 +181,16 @@ def load_split(cfg: DatasetConfig, split: str):
         elif split != cfg.train_split:
             raise UserError(f"dataset.path={cfg.path} is a single file, which holds only the train split; "
                             f"point dataset.path at a folder with {split} data, or set dataset.eval_split=null")
-        ds = _load_file(path)
-    else:
-        ds = _load_hub(cfg, split)
-    return _normalise_columns(ds, cfg)
+        ds = _normalise_columns(_load_file(path, cfg), cfg)
+        check_columns(ds, cfg, str(path))
+        if path.suffix != ".jsonl":  # JSONL rows were checked line by line already
+            check_rows(ds, cfg, str(path))
+        return ds
+    ds = _normalise_columns(_load_hub(cfg, split), cfg)
+    where = f"dataset {cfg.hub_id!r} ({split} split)"
+    check_columns(ds, cfg, where)
+    check_rows(ds, cfg, where)
+    return ds
 
 
 def _normalise_columns(ds, cfg: DatasetConfig):
@@ -155,16 +242,70 @@ def to_messages(row: dict, cfg: DatasetConfig) -> list[dict]:
     return messages
 
 
+def _needed_columns(cfg: DatasetConfig) -> list[str]:
+    return [cfg.messages_column] if cfg.format == "messages" else [cfg.prompt_column, cfg.completion_column]
+
+
+def _missing_columns(missing: list[str], present: list[str], cfg: DatasetConfig) -> str:
+    keys = "dataset.messages_column" if cfg.format == "messages" else "dataset.prompt_column/completion_column"
+    return (f"column(s) {', '.join(missing)} not found (columns present: {', '.join(present) or 'none'}); "
+            f"set {keys} or dataset.format")
+
+
 def check_columns(ds, cfg: DatasetConfig, where: str) -> None:
-    needed = [cfg.messages_column] if cfg.format == "messages" else [cfg.prompt_column, cfg.completion_column]
-    missing = [c for c in needed if c not in ds.column_names]
+    missing = [c for c in _needed_columns(cfg) if c not in ds.column_names]
     if missing:
-        keys = "dataset.messages_column" if cfg.format == "messages" else \
-            "dataset.prompt_column/completion_column"
-        raise UserError(f"{where}: column(s) {', '.join(missing)} not found (columns present: "
-                        f"{', '.join(ds.column_names)}); set {keys} or dataset.format")
+        raise UserError(f"{where}: {_missing_columns(missing, ds.column_names, cfg)}")
     if len(ds) == 0:
-        raise UserError(f"{where} has no rows")
+        raise UserError(f"{where} has no rows; add examples or point dataset.path elsewhere")
+
+
+def check_rows(ds, cfg: DatasetConfig, where: str) -> None:
+    """Every row has what `to_messages` needs, else the first bad row is named (1-based, a header not counted)."""
+    columns = _needed_columns(cfg)
+    for index, values in enumerate(zip(*(ds[c] for c in columns), strict=True)):
+        problem = _row_problem(dict(zip(columns, values, strict=True)), cfg)
+        if problem:
+            raise UserError(f"{where} data row {index + 1}: {problem}")
+
+
+def _row_problem(row: dict, cfg: DatasetConfig) -> str | None:
+    """What makes one row unusable (columns already renamed), worded to be fixed; None if it is fine."""
+    missing = [c for c in _needed_columns(cfg) if c not in row]
+    if missing:
+        return _missing_columns(missing, list(row), cfg)
+    if cfg.format == "messages":
+        return _messages_problem(row[cfg.messages_column], cfg.messages_column)
+    if row[cfg.prompt_column] is None:
+        return f"{cfg.prompt_column} is empty (null); fill it in or drop the row"
+    completion = row[cfg.completion_column]
+    if completion is None or not str(completion).strip():
+        return f"{cfg.completion_column} is empty, so there is nothing to learn; fill it in or drop the row"
+    return None
+
+
+def _messages_problem(turns, column: str) -> str | None:
+    if not isinstance(turns, list) or not turns:
+        return (f"{column} must be a non-empty list of {{\"role\": ..., \"content\": ...}} turns, not "
+                f"{_shown(turns)}; fix the row or set dataset.format=columns for prompt/completion data")
+    for i, turn in enumerate(turns):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            return (f"{column}[{i}] is not a turn with string role and content: {_shown(turn)}; write it as "
+                    '{"role": "user", "content": "..."}')
+    roles = [turn["role"] for turn in turns]
+    if "assistant" not in roles:
+        return (f"no assistant turn in {column} (roles: {', '.join(roles)}), so there is nothing to learn; "
+                "add the reply as a turn with role \"assistant\"")
+    empty = [i for i, turn in enumerate(turns) if turn["role"] == "assistant" and not turn["content"].strip()]
+    if empty:
+        return f"{column}[{empty[0]}] is an empty assistant reply, so there is nothing to learn; fill it in"
+    return None
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A value as short one-line JSON, for messages."""
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def fingerprint(conversations: list[list[dict]]) -> str:
@@ -238,12 +379,29 @@ def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSpl
         conversations = [to_messages(row, cfg) for row in rows]
         split = tokenize_split(conversations, tokenizer, cfg)
         if not split.examples:
-            raise UserError(f"{where}: all {split.rows} examples have no reply tokens left within "
-                            f"dataset.max_seq_len={cfg.max_seq_len}; raise it")
+            raise UserError(_nothing_to_learn(where, conversations, tokenizer, cfg))
         splits.append(split)
         fingerprints.append(fingerprint(conversations))
     digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
     return splits[0], splits[1], digest
+
+
+def _nothing_to_learn(where: str, conversations: list[list[dict]], tokenizer, cfg: DatasetConfig) -> str:
+    """Every example was truncated to no reply token: say how long the prompts are, so the fix is one number.
+
+    Runs only on this failure path, so tokenising the conversations a second time costs nothing otherwise."""
+    if cfg.train_on_prompt:
+        return (f"{where}: dataset.max_seq_len={cfg.max_seq_len} leaves no token to predict in any example; "
+                "set dataset.max_seq_len to 2 or more")
+    prompts, lengths = [], []
+    for messages in conversations:
+        labels = tokenize_conversation(messages, tokenizer, train_on_prompt=False)["labels"]
+        prompts.append(next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels)))
+        lengths.append(len(labels))
+    return (f"{where}: dataset.max_seq_len={cfg.max_seq_len} leaves no reply token to learn in any of the "
+            f"{len(conversations)} examples, as the prompts fill it: the shortest prompt is {min(prompts)} "
+            f"tokens (chat template and system prompt included) and the longest example {max(lengths)}; set "
+            f"dataset.max_seq_len={max(lengths)} (at least {min(prompts) + 1}) or shorten the prompts")
 
 
 # ---------------------------------------------------------------- batching

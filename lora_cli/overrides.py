@@ -138,3 +138,13 @@ def one_line(exc: Exception) -> str:
     full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
     message = lines[0] if lines else type(exc).__name__
     return f"{message} (key: {full_key})" if full_key and full_key not in message else message
+
+
+def run_dir(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: str = "train") -> str:
+    """The run dir Hydra would make for these overrides (hydra.run.dir, resolved now)."""
+    from hydra import compose, initialize_config_dir
+
+    _, overrides = split_argv(args)
+    with initialize_config_dir(str(configs_dir), version_base="1.3"):
+        cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
+    return str(cfg.hydra.run.dir)

@@ -44,6 +44,28 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def print_plan(plan: dict) -> None:
+    table = Table(title="lora train --dry-run: the plan (nothing was trained or written)", show_header=False,
+                  title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("model", plan["model"]), ("adapter", plan["adapter"]),
+        ("examples", f"{plan['train_examples']:,} train, {plan['eval_examples']:,} eval "
+                     f"({plan['truncated']} truncated, {plan['dropped']} dropped; longest {plan['longest']} tokens)"),
+        ("tokens", f"{plan['train_tokens']:,} train tokens, {plan['label_tokens']:,} with labels"),
+        ("steps", f"{plan['steps']:,} x {plan['examples_per_step']} examples ({plan['epochs']} epochs)"),
+        ("trainable params", f"{plan['trainable_params']:,} of {plan['total_params']:,} "
+                             f"({100 * plan['trainable_params'] / plan['total_params']:.2f}%)"),
+        ("peak memory", f"~{format_bytes(plan['peak_memory_bytes'])} (estimate)"),
+        ("training time", f"~{plan['train_seconds'] // 60} min {plan['train_seconds'] % 60} s on this machine "
+                          "(estimate from its measured matmul speed)"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    stdout.print(table)
+
+
 def print_summary(result: dict) -> None:
     table = Table(title="lora train: summary", show_header=False, title_justify="left")
     table.add_column(style="bold")

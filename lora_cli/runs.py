@@ -7,14 +7,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_cli.artifacts import BASE_WEIGHTS
 from lora_cli.config import RunConfig, to_run_config
 from lora_cli.errors import UserError
 from lora_cli.models import Checkpoint, load_model, load_tokenizer, resolve_checkpoint
 from lora_cli.report import console
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-# Base weights a variant changed during training (ScaLoRA merges into them), keyed as in the base checkpoint.
-BASE_WEIGHTS = "base_weights.safetensors"
 
 
 @dataclass
@@ -113,10 +112,10 @@ def apply_base_weights(base, adapter_dir: Path) -> dict:
         return {}
     trained = load_file(path)
     state = base.state_dict()
-    unknown = sorted(set(trained) - set(state))
+    unknown = sorted(k for k in trained if k not in state or state[k].shape != trained[k].shape)
     if unknown:
-        raise UserError(f"{path} names weights this base model does not have ({unknown[0]}); was the run "
-                        "trained on another base?")
+        raise UserError(f"{path} holds weights this base model lacks or shapes differently ({unknown[0]}); "
+                        "load the base the run was trained on")
     pristine = {key: state[key].detach().clone() for key in trained}
     base.load_state_dict(trained, strict=False)
     return pristine

@@ -178,12 +178,14 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     """Run one training job; returns the summary numbers and the trained (unwrapped) peft model."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     from lora_cli.artifacts import config_yaml
 
     started = time.perf_counter()
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.trainer.precision))
+    # cpu=True on a CPU-only machine: under a launcher, that is what makes accelerate use gloo for N processes.
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.trainer.precision),
+                              cpu=not torch.cuda.is_available())
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     set_seed(cfg.trainer.seed)
     resume_from = checkpoint.resolve_resume(cfg.resume, run_dir)
@@ -222,9 +224,10 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
 
     def save_checkpoint() -> Path:
         path = checkpoint.step_dir(run_dir, state.step)
+        rng = gather_object([checkpoint.rng_state()]) if world > 1 else [checkpoint.rng_state()]
         if is_main:
             checkpoint.save(path, peft_model, variant, torch_optimizer, scheduler, state, metrics.records,
-                            config_yaml(cfg), cfg.trainer.keep_checkpoints)
+                            config_yaml(cfg), cfg.trainer.keep_checkpoints, rng)
         accelerator.wait_for_everyone()
         return path
 
@@ -232,7 +235,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     if state.step == 0:
         metrics.log({"step": 0, "eval_loss": evaluate_loss(peft_model, evaluation, accelerator.device)})
     if resume_from:
-        checkpoint.restore_rng(resume_from)  # last, so nothing above consumes the restored generators
+        checkpoint.restore_rng(resume_from, rank)  # last, so nothing above consumes the restored generators
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     stop = StopRequest()

@@ -87,3 +87,15 @@ def test_a_finished_run_is_never_overwritten(tiny_run):
     assert_one_line_error(lora("train", "recipe=banking_support", "model=tiny_llama", f"hydra.run.dir={run_dir}"),
                           "already holds a trained adapter")
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_dry_run_validates_and_prints_the_plan_without_training(tmp_path):
+    proc = lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama", "trainer.max_steps=12",
+                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("the plan", "847 train, 231 eval", "12 x 8 examples", "trainable params", "peak memory",
+                   "training time"):
+        assert needle in " ".join(proc.stdout.split()), needle
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+    bad = lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama", "adapter.target_modules=[qkv]")
+    assert_one_line_error(bad, "qkv", "q_proj")
