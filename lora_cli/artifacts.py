@@ -129,10 +129,19 @@ model = PeftModel.from_pretrained(base, "{adapter_dir}")
 tokenizer = AutoTokenizer.from_pretrained("{adapter_dir}")
 ```
 
-The full resolved config is in `config.yaml`; per-step metrics in `metrics.jsonl`. Provenance (base model
+{variant_note}The full resolved config is in `config.yaml`; per-step metrics in `metrics.jsonl`. Provenance (base model
 hash, dataset fingerprint, config hash, lora-cli version) is also stored in the metadata of
 `adapter/adapter_model.safetensors`.
 """
+
+
+def variant_note(run_dir: Path, variant: str) -> str:
+    if not (run_dir / "adapter" / BASE_WEIGHTS).is_file():
+        return ""
+    return (f"**This adapter changed its base weights during training ({variant}): stock peft alone "
+            f"cannot load it.** Put `adapter/{BASE_WEIGHTS}` into the base first (`base.load_state_dict(...,"
+            " strict=False)`), or use `lora eval/generate/merge`; `lora merge ... merge.export_rank=k` also writes a "
+            "stock peft LoRA of rank k (lossy, its error reported).\n\n")
 
 
 def write_model_card(run_dir: Path, cfg: RunConfig, result: dict, prov: dict[str, str], command: str) -> None:
@@ -149,5 +158,5 @@ def write_model_card(run_dir: Path, cfg: RunConfig, result: dict, prov: dict[str
         accum=cfg.trainer.grad_accum, train_first=result["train_loss_first"],
         train_last=result["train_loss_last"], eval_before=result["eval_loss_before"],
         eval_after=result["eval_loss_after"], tps=result["tokens_per_s"], wall=result["wall_time_s"],
-        command=command, adapter_dir=run_dir.resolve() / "adapter")
+        command=command, adapter_dir=run_dir.resolve() / "adapter", variant_note=variant_note(run_dir, adapter.name))
     (run_dir / "README.md").write_text(text)

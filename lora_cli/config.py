@@ -18,6 +18,7 @@ DATASET_FORMATS = ("messages", "columns")
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
 TASK_METRICS = ("exact_match", "token_f1")
+LABEL_MODES = ("generate", "constrained", "score")
 ADAPTERS = ("lora", "slora", "qlora", "scalora")
 QUANTIZATIONS = ("nf4", "fp4")
 NONFINITE_POLICIES = ("stop", "skip")
@@ -232,6 +233,8 @@ class TrainerConfig:
     precision: str = "fp32"
     eval_at_end: bool = False  # also run `lora eval` (task metric) when training ends; sweeps report it
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    # Steps of similar-length examples (little padding), in random order; false: plain shuffled batches.
+    group_by_length: bool = True
     save_every: int | None = None  # checkpoint every N steps (and on Ctrl-C / SIGTERM); null = only on signals
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
     on_nonfinite: str = "stop"  # stop: fail naming the step (checkpoints kept); skip: drop that step's update
@@ -265,8 +268,12 @@ class EvalConfig:
     batch_size: int = 16
     max_new_tokens: int = 64
     show_samples: int = 5  # sample generations printed and kept in eval.json
+    # exact_match datasets: generate (free greedy), constrained (greedy restricted to the label set, a prefix
+    # trie over the labels' tokens), score (every label ranked by its log-likelihood given the prompt).
+    label_mode: str = "generate"
 
     def validate(self) -> None:
+        _require_choice(self.label_mode, "eval.label_mode", LABEL_MODES)
         _require(self.max_samples is None or self.max_samples > 0, f"eval.max_samples={self.max_samples} must be > 0")
         _require(self.batch_size > 0, f"eval.batch_size={self.batch_size} must be > 0")
         _require(self.max_new_tokens > 0, f"eval.max_new_tokens={self.max_new_tokens} must be > 0")
@@ -281,11 +288,13 @@ class GenerateConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     adapter: bool = True  # false: the base model alone, to compare
+    label_mode: str = "generate"  # generate | constrained | score: for label datasets, as eval.label_mode
 
     def validate(self) -> None:
         _require(self.max_new_tokens > 0, f"generate.max_new_tokens={self.max_new_tokens} must be > 0")
         _require(self.temperature >= 0, f"generate.temperature={self.temperature} must be >= 0")
         _require(0 < self.top_p <= 1, f"generate.top_p={self.top_p} must be in (0, 1]")
+        _require_choice(self.label_mode, "generate.label_mode", LABEL_MODES)
 
 
 @dataclass
@@ -359,3 +368,17 @@ def to_run_config(cfg) -> RunConfig:
     except OmegaConfBaseException as exc:
         raise UserError(f"invalid config: {str(exc).splitlines()[0]}") from None
     return run.validate()
+
+
+def compose(overrides: list[str]) -> RunConfig:
+    """The typed RunConfig that `lora train OVERRIDES` would run, composed in-process (for Python callers:
+    tests, benchmarks, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from lora_cli.paths import shipped_dir
+
+    register_schemas()
+    register_recipes(shipped_dir("recipes"))
+    with initialize_config_dir(str(shipped_dir("configs")), version_base="1.3"):
+        return to_run_config(hydra_compose("train", overrides=overrides))

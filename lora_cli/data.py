@@ -52,9 +52,11 @@ def resolve_path(path: str) -> Path:
 
 
 def _split_file(folder: Path, split: str) -> Path:
+    """The split's file in a dataset folder. Whatever exists under the name is returned, so that a directory
+    or an unreadable file there is reported as such rather than as a missing split."""
     for suffix in FILE_BUILDERS:
         candidate = folder / f"{split}{suffix}"
-        if candidate.is_file():
+        if candidate.exists():
             return candidate
     present = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in FILE_BUILDERS)) or "none"
     raise UserError(f"no {split} file in {folder} (looked for {split}.jsonl/.json/.csv/.parquet; "
@@ -82,7 +84,9 @@ def _check_readable(path: Path) -> None:
     if not path.exists():
         raise UserError(f"dataset file {path} does not exist; check dataset.path")
     if not path.is_file():
-        raise UserError(f"dataset file {path} is not a regular file; point dataset.path at a data file or folder")
+        kind = "a directory" if path.is_dir() else "not a regular file"
+        raise UserError(f"dataset file {path} is {kind}, so it cannot be read as data; rename or remove it, or "
+                        "point dataset.path elsewhere")
     if path.suffix not in FILE_BUILDERS:
         raise UserError(f"dataset file {path}: unsupported type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
     try:
@@ -113,8 +117,10 @@ def _datasets_silenced():
 
 def _first_line(exc: BaseException) -> str:
     """The innermost cause's first line: `datasets` wraps the useful error in a generic one."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        exc = exc.__cause__ or exc.__context__
+    for _ in range(10):  # a bounded walk: exception chains can, rarely, loop
+        if (inner := exc.__cause__ or exc.__context__) is None:
+            break
+        exc = inner
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -127,7 +133,7 @@ def _scan_jsonl(path: Path, cfg: DatasetConfig) -> None:
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, 1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM is fine, as for `datasets`
             except UnicodeDecodeError:
                 raise UserError(f"{path}:{number}: not UTF-8 text; save the file as UTF-8 JSON Lines") from None
             if not text.strip():
@@ -407,25 +413,49 @@ def _nothing_to_learn(where: str, conversations: list[list[dict]], tokenizer, cf
 # ---------------------------------------------------------------- batching
 
 
+GROUP_WINDOW = 64  # length grouping sorts windows of this many steps' examples
+
+
 @lru_cache(maxsize=4)
-def epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
-    """Epoch `epoch`'s shuffled order: a function of (n, seed, epoch) alone, so a resumed run, or another
-    process, computes the same order without any state."""
+def epoch_order(lengths: tuple[int, ...], seed: int, epoch: int, step_size: int = 0) -> tuple[int, ...]:
+    """Epoch `epoch`'s shuffled order: a function of its arguments alone, so a resumed run, or another
+    process, computes the same order without any state.
+
+    With `step_size`, the order is length-grouped: each window of the shuffled order is sorted by length and
+    cut into step-sized groups, and the groups are shuffled. A step then holds examples of similar length,
+    which removes most padding (~30% of a random batch of 16 on Banking77), while the steps still come in
+    random order. Groups line up with the steps of the endless stream across epoch boundaries (the first
+    group completes the step that straddles the boundary)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return tuple(torch.randperm(n, generator=generator).tolist())
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not step_size:
+        return tuple(order)
+    first = -epoch * len(lengths) % step_size  # examples still owed to the step begun in the last epoch
+    head, rest = order[:first], order[first:]
+    window = step_size * GROUP_WINDOW
+    groups = []
+    for start in range(0, len(rest), window):
+        chunk = sorted(rest[start:start + window], key=lambda i: lengths[i])
+        groups += [chunk[i:i + step_size] for i in range(0, len(chunk), step_size)]
+    # A short last group stays last: the next epoch's first examples complete its step.
+    tail = groups.pop() if groups and len(groups[-1]) < step_size else []
+    shuffled = torch.randperm(len(groups), generator=generator).tolist()
+    return tuple(head + [i for g in shuffled for i in groups[g]] + tail)
 
 
-def take(examples: list[dict], seed: int, start: int, count: int) -> list[dict]:
+def take(examples: list[dict], seed: int, start: int, count: int, group_by_length: bool = False) -> list[dict]:
     """Examples [start, start + count) of the endless stream that concatenates every epoch's shuffled order.
 
     One integer, the position, is the whole data state of a run: every example is seen exactly once per
-    epoch, a step may straddle two epochs, and resuming at position p continues exactly where it stopped."""
+    epoch, a step may straddle two epochs, and resuming at position p continues exactly where it stopped.
+    `group_by_length` groups `count`-sized steps by length (see `epoch_order`)."""
+    lengths = tuple(len(e["input_ids"]) for e in examples)
     n, taken = len(examples), []
     while len(taken) < count:
         epoch, offset = divmod(start + len(taken), n)
-        order = epoch_order(n, seed, epoch)
+        order = epoch_order(lengths, seed, epoch, count if group_by_length else 0)
         taken += [examples[i] for i in order[offset: offset + count - len(taken)]]
     return taken
 

@@ -50,6 +50,28 @@ def quantized_distance(run_dir: Path, cfg: RunConfig, probes: dict, reference) -
     return (logits(trained.model, probes) - reference).abs().max().item()
 
 
+def export_lowrank(adapted, cfg: RunConfig, probes: dict, reference, out_dir: Path) -> dict:
+    """A ScaLoRA run as a stock peft LoRA of rank k: truncated SVD of each module's total update (merged base
+    weights + adapter - pristine base). Lossy: reports each module's relative error and how far the
+    exported adapter's logits (on the pristine base) are from the trained model's."""
+    import statistics
+
+    from peft import PeftModel
+
+    from lora_cli.adapters.scalora import export_lowrank_adapter
+    from lora_cli.models import load_model
+
+    if not adapted.pristine:
+        raise UserError("merge.export_rank re-ranks the high-rank update of a ScaLoRA run; this run's adapter is "
+                        "already a stock rank-r LoRA (drop merge.export_rank)")
+    errors = export_lowrank_adapter(adapted.model, adapted.pristine, cfg.merge.export_rank, out_dir)
+    pristine_base = load_model(adapted.checkpoint, cfg.model, adapted.tokenizer)
+    exported = PeftModel.from_pretrained(pristine_base, out_dir)
+    return {"rank": cfg.merge.export_rank, "folder": out_dir.name,
+            "max_rel_error": max(errors.values()), "median_rel_error": statistics.median(errors.values()),
+            "max_abs_logit_diff": (logits(exported, probes) - reference).abs().max().item(), "errors": errors}
+
+
 def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -62,11 +84,12 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
     probes = probe_batch(cfg, adapted.tokenizer)
     reference = logits(adapted.model, probes)
     quantization_diff = quantized_distance(run_dir, cfg, probes, reference) if cfg.adapter.quantize else None
-    merged = adapted.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse non-finite weights
-    merge_diff = (logits(merged, probes) - reference).abs().max().item()
-
     tmp = staging_dir(out_dir)
     try:
+        export = export_lowrank(adapted, cfg, probes, reference, tmp / f"lora-r{cfg.merge.export_rank}") \
+            if cfg.merge.export_rank else None
+        merged = adapted.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse non-finite weights
+        merge_diff = (logits(merged, probes) - reference).abs().max().item()
         merged.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, max_shard_size=cfg.merge.max_shard_size)
         adapted.tokenizer.save_pretrained(tmp)
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
@@ -80,7 +103,7 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
                   "probes": int(probes["input_ids"].shape[0]), "merge_max_abs_diff": merge_diff,
                   "saved_max_abs_diff": saved_diff, "tolerance": cfg.merge.tolerance,
                   "parity": "pass", "parameters": sum(p.numel() for p in reloaded.parameters()),
-                  "quantized_max_abs_diff": quantization_diff}
+                  "quantized_max_abs_diff": quantization_diff, "lowrank_export": export}
         write_card(tmp, run_dir, adapted, cfg, result, command)
         publish(tmp, out_dir)
     finally:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from lora_cli.config import ModelConfig
 from lora_cli.errors import UserError
-from lora_cli.paths import cache_dir, publish, staging_dir
+from lora_cli.paths import cache_dir, locked, publish, staging_dir
 
 SOURCE_FILE = "lora_cli_source.json"  # written last into a cache entry: its presence means "complete"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
@@ -74,21 +74,22 @@ def find_gguf(package: str, filename: str) -> Path:
 
 
 def _cached(name: str, build, source: dict) -> Path:
-    """Build a cache entry once, atomically: into a temp folder, then renamed into place, so an
-    interrupted conversion never looks complete and two processes building at once both end well."""
+    """Build a cache entry once: under a lock, so concurrent processes (N training processes, parallel test
+    workers) build it once and the others wait; into a temp folder renamed into place, so an interrupted
+    conversion never looks complete."""
     target = cache_dir() / "models" / name
     if (target / SOURCE_FILE).is_file():
         return target
-    tmp = staging_dir(target)
-    try:
-        build(tmp)
-        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
-        publish(tmp, target)  # replaces only an incomplete leftover, never a finished entry
-    except OSError:
-        if not (target / SOURCE_FILE).is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with locked(target.with_name(f".{name}.lock")):
+        if (target / SOURCE_FILE).is_file():  # built by the process we waited for
+            return target
+        tmp = staging_dir(target)
+        try:
+            build(tmp)
+            (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2))
+            publish(tmp, target)  # replaces only an incomplete leftover, never a finished entry
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

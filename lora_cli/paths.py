@@ -1,8 +1,10 @@
 """Where shipped files and the user cache live, in a checkout and in an installed wheel alike."""
 
+import fcntl
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -42,3 +44,15 @@ def publish(staging: Path, target: Path) -> None:
     elif target.exists():
         target.unlink()
     os.replace(staging, target)
+
+
+@contextmanager
+def locked(lock_file: Path):
+    """An exclusive advisory lock held for the block (released if the process dies)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

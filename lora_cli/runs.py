@@ -25,13 +25,19 @@ class AdaptedModel:
     pristine: dict = field(default_factory=dict)  # original values of the base weights BASE_WEIGHTS replaced
 
 
+def base_weight(model, key: str):
+    """The base weight a base-checkpoint key names, inside a peft model (adapted layers wrap it)."""
+    module = model.get_base_model().get_submodule(key.removesuffix(".weight"))
+    return getattr(module, "get_base_layer", lambda: module)().weight
+
+
 @contextmanager
 def base_only(adapted: AdaptedModel):
     """The base model as it was before training: the adapter disabled and, where the variant changed base
     weights (ScaLoRA), the original ones swapped back in for the duration."""
     import torch
 
-    weights = {k.removeprefix("base_model.model."): p for k, p in adapted.model.named_parameters()}
+    weights = {key: base_weight(adapted.model, key) for key in adapted.pristine}
     trained = {key: weights[key].detach().clone() for key in adapted.pristine}
     with torch.no_grad():
         for key, value in adapted.pristine.items():

@@ -193,8 +193,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
         checkpoint.check_same_run(resume_from, config_yaml(cfg))
 
     # ---- setup: base model, data, adapter, optimizer
-    with accelerator.main_process_first():  # one process converts/builds a cached base, the others wait
-        base = resolve_checkpoint(cfg.model)
+    base = resolve_checkpoint(cfg.model)  # under a lock: one process builds a missing cache entry
     tokenizer = load_tokenizer(base, cfg.model)
     train_split, eval_split, data_fingerprint = prepare(cfg.dataset, tokenizer)
     step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * world  # examples per optimizer step
@@ -242,7 +241,8 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     with progress_bar(steps, completed=state.step, disable=not is_main) as (progress, task), stop.installed():
         for step in range(state.step + 1, steps + 1):
             t0 = time.perf_counter()
-            step_examples = take(train_split.examples, cfg.trainer.seed, state.consumed, step_size)
+            step_examples = take(train_split.examples, cfg.trainer.seed, state.consumed, step_size,
+                                 cfg.trainer.group_by_length)
             batches = micro_batches(step_examples, cfg.trainer.batch_size, rank, world, tokenizer.pad_token_id)
             # Normalise by the labelled tokens of the whole step over all processes; DDP averages gradients
             # over processes, hence the factor `world`.

@@ -38,15 +38,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def compose_run(overrides: list[str]):
     """The typed RunConfig that `lora train OVERRIDES` would run, composed in-process."""
-    from hydra import compose, initialize_config_dir
+    from lora_cli.config import compose
 
-    from lora_cli.config import register_recipes, register_schemas, to_run_config
-    from lora_cli.paths import shipped_dir
-
-    register_schemas()
-    register_recipes(shipped_dir("recipes"))
-    with initialize_config_dir(str(shipped_dir("configs")), version_base="1.3"):
-        return to_run_config(compose("train", overrides=overrides))
+    return compose(overrides)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,8 @@ from test_cli import assert_one_line_error
 
 RESUMABLE = [*TINY, "trainer.max_steps=24", "trainer.save_every=4", "trainer.eval_every=5",
              "trainer.batch_size=2", "trainer.grad_accum=2"]
-VARIANTS = {"lora": ["adapter=lora"]}
+VARIANTS = {"lora": ["adapter=lora"], "slora": ["adapter=slora"],
+            "scalora": ["adapter=scalora", "adapter.scalora.interval=3"]}
 
 
 def start(args: list[str], run_dir) -> subprocess.Popen:

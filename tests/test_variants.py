@@ -14,6 +14,8 @@ VARIANTS = {
     "qlora_fp4": ["adapter=qlora", "adapter.quantize=fp4", "adapter.double_quant=false"],
     "dora": ["adapter=lora", "adapter.use_dora=true"],
     "rslora": ["adapter=lora", "adapter.use_rslora=true", "adapter.target_modules=[q_proj,v_proj]"],
+    "scalora": ["adapter=scalora", "adapter.scalora.interval=2", "adapter.scalora.warmup=2"],
+    "slora": ["adapter=slora", "adapter.scale.init_schedule=linear", "adapter.layers=[1]"],
 }
 EVAL = ["eval.max_samples=4", "eval.max_new_tokens=4", "eval.show_samples=1"]
 
@@ -43,6 +45,33 @@ def test_variant_trains_evaluates_and_merges(variant_run, tmp_path):
     if name.startswith("qlora"):  # trained on a 4-bit base, merged into full precision: the gap is reported
         assert result["quantized_max_abs_diff"] > 0
         assert "4-bit base error" in merged.stdout
+
+
+def test_scalora_run_carries_its_base_weights_and_exports_a_stock_lora(variant_run, tmp_path):
+    name, run_dir = variant_run
+    if name != "scalora":
+        pytest.skip("ScaLoRA only")
+    assert (run_dir / "adapter/base_weights.safetensors").is_file()
+    assert "stock peft alone" in (run_dir / "README.md").read_text()
+    rescales = [r for r in read_metrics(run_dir) if "scalora_column" in r]
+    assert [r["step"] for r in rescales] == [2, 4, 6]
+    merged = lora("merge", f"run={run_dir}", f"output={tmp_path / 'merged'}", "merge.export_rank=2")
+    assert merged.returncode == 0, merged.stderr
+    export = json.loads((tmp_path / "merged/lora_cli_merge.json").read_text())["lowrank_export"]
+    assert export["max_rel_error"] > 0 and export["max_abs_logit_diff"] > 0  # lossy, and it says by how much
+    assert (tmp_path / "merged/lora-r2/adapter_model.safetensors").is_file()
+
+
+def test_slora_run_logs_and_plots_its_scales_and_saves_them_raw(variant_run):
+    name, run_dir = variant_run
+    if name != "slora":
+        pytest.skip("S-LoRA only")
+    scales = [r["scales"] for r in read_metrics(run_dir) if "scales" in r]
+    assert len(scales) == 6 and scales[-1] != scales[0]  # learnable: they moved
+    assert (run_dir / "scales.png").stat().st_size > 0
+    assert (run_dir / "adapter/slora_scales.safetensors").is_file()
+    config = json.loads((run_dir / "adapter/adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1]  # adapter.layers with all-linear targets
 
 
 def test_qlora_base_is_4bit_and_adapter_config_is_stock(variant_run):
@@ -75,3 +104,36 @@ def test_combinations_that_cannot_work_fail_at_config_time(tmp_path, args, needl
     proc = lora("train", "recipe=banking_support", "model=tiny_llama", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_qlora_gradients_are_those_of_the_dequantized_model():
+    """bitsandbytes warns its CPU 4-bit kernel has no registered autograd kernel ("may be silently incorrect"):
+    the adapter's gradients must match the same model with the 4-bit weights dequantized into fp32."""
+    import bitsandbytes.functional as bnb
+    import torch
+
+    from lora_cli.adapters import build
+    from lora_cli.models import load_model, resolve_checkpoint
+
+    cfg = compose_run(["recipe=banking_support", "model=tiny_llama", "adapter=qlora", "adapter.dropout=0"])
+    checkpoint = resolve_checkpoint(cfg.model)
+    quantized = load_model(checkpoint, cfg.model, None, "nf4", True)
+    dequantized = {f"{name}.weight": bnb.dequantize_4bit(m.weight.data, m.weight.quant_state).float()
+                   for name, m in quantized.named_modules() if type(m).__name__ == "Linear4bit"}  # before forward
+    reference = load_model(checkpoint, cfg.model)
+    reference.load_state_dict(dequantized, strict=False)
+    models = []
+    for base in (quantized, reference):
+        torch.manual_seed(0)
+        model = build(cfg.adapter).apply(base)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        models.append(model)
+    tokens = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for model in models:
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_A" in n]))
+    assert (grads[0] - grads[1]).norm() <= 0.01 * grads[1].norm()

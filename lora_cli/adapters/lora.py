@@ -39,10 +39,14 @@ def check_targets(model, cfg: AdapterConfig) -> None:
                         f"blocks (0..{n_layers - 1})")
 
 
-def lora_config(cfg: AdapterConfig):
+def lora_config(cfg: AdapterConfig, model=None):
+    """peft's LoraConfig. With `layers` set, peft needs the target names spelled out, so all-linear becomes the
+    model's linear module names."""
     from peft import LoraConfig
 
     targets = cfg.target_modules if cfg.target_modules == "all-linear" else list(cfg.target_modules)
+    if targets == "all-linear" and cfg.layers is not None and model is not None:
+        targets = linear_module_names(model)
     return LoraConfig(
         task_type="CAUSAL_LM",
         r=cfg.r,
@@ -79,7 +83,7 @@ class Lora:
         check_targets(model, self.cfg)
         if getattr(model, "is_loaded_in_4bit", False):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, lora_config(self.cfg))
+        return get_peft_model(model, lora_config(self.cfg, model))
 
     def param_groups(self, model, trainer: TrainerConfig) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]
