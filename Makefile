@@ -22,12 +22,13 @@ $(STAMP): pyproject.toml Makefile
 train: setup
 	$(BIN)/lora train recipe=banking_support
 
+# One worker per core: most tests wait on a `lora` subprocess starting up, which parallelises well.
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadscope
 
 # Also the slow end-to-end runs on the embedded 135M model.
 test-all: setup
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(BIN)/python -m pytest -n auto --dist loadscope -m "slow or not slow"
 
 # Benchmarks print ratios against a baseline measured in the same run on the same machine (benchmarks/).
 bench: bench-memory bench-speed bench-convergence

@@ -7,6 +7,7 @@ rejects values that type-check but make no sense, naming the key and the fix.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,11 @@ MOMENT_CONVENTIONS = ("chain_rule", "own")
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def _is_plain_name(name: str) -> bool:
+    """A single safe path component: it becomes part of a run dir's name."""
+    return bool(re.fullmatch(r"[\w.-]+", name)) and name not in (".", "..")
 
 
 def _require_choice(value: str, key: str, options: tuple[str, ...]) -> None:
@@ -99,6 +105,8 @@ class DatasetConfig:
     task_metric: str = "token_f1"
 
     def validate(self) -> None:
+        _require(_is_plain_name(self.name), f"dataset.name={self.name!r} names run dirs, so it must be a plain name "
+                 "(letters, digits, '.', '_', '-'; no '/' or '..')")
         _require_choice(self.format, "dataset.format", DATASET_FORMATS)
         _require_choice(self.task_metric, "dataset.task_metric", TASK_METRICS)
         _require(bool(self.path or self.hub_id),

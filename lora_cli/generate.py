@@ -1,7 +1,8 @@
 """`lora generate`: talk to an adapted model. One prompt, or a multi-turn chat until Ctrl-D.
 
 The prompt goes through the same chat template (and the dataset's system prompt) the adapter was trained
-with, and tokens stream to the terminal until the end-of-turn token."""
+with, and tokens stream to the terminal until the end-of-turn token. On a label dataset,
+`generate.label_mode=constrained|score` answers with one of the dataset's labels instead (see labels.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,19 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from lora_cli.config import GenerateConfig, RunConfig
+from lora_cli.labels import (
+    LabelTrie,
+    build_trie,
+    check_label_mode,
+    constrained_labels,
+    load_labels,
+    render_prompts,
+    score_labels,
+)
+from lora_cli.report import console
 from lora_cli.runs import base_only, load_adapted
+
+RUNNERS_UP = 5  # labels shown with their shares under label_mode=score
 
 
 def reply(model, tokenizer, messages: list[dict], cfg: GenerateConfig) -> str:
@@ -29,13 +42,38 @@ def reply(model, tokenizer, messages: list[dict], cfg: GenerateConfig) -> str:
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+def label_reply(model, tokenizer, messages: list[dict], trie: LabelTrie, mode: str) -> str:
+    """Print one label as the reply (stdout holds the label alone, for scripts); under `score`, the best
+    labels' shares of the probability over the label set go to stderr."""
+    prompt = render_prompts(tokenizer, [messages])
+    if mode == "constrained":
+        label = constrained_labels(model, tokenizer, prompt, trie, batch_size=1, name="constrained")[0]
+    else:
+        shares = score_labels(model, tokenizer, prompt, trie, batch_size=1, name="score")[0].softmax(dim=0)
+        top = shares.topk(min(RUNNERS_UP, len(trie.labels)))
+        label = trie.labels[int(top.indices[0])]
+        console.print("score: " + ", ".join(f"{trie.labels[int(i)]} {float(p):.1%}"
+                                            for p, i in zip(top.values, top.indices, strict=True)), markup=False)
+    print(label, flush=True)
+    return label
+
+
 def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
+    mode = cfg.generate.label_mode
+    check_label_mode(mode, cfg.dataset, "generate.label_mode")
     adapted = load_adapted(run_dir, cfg)
     model, tokenizer = adapted.model, adapted.tokenizer
+    trie = build_trie(tokenizer, load_labels(cfg.dataset)) if mode != "generate" else None
+
+    def answer(messages: list[dict]) -> str:
+        if trie is None:
+            return reply(model, tokenizer, messages, cfg.generate)
+        return label_reply(model, tokenizer, messages, trie, mode)
+
     history = [{"role": "system", "content": cfg.dataset.system_prompt}] if cfg.dataset.system_prompt else []
     with nullcontext() if cfg.generate.adapter else base_only(adapted):
         if prompt is not None:
-            reply(model, tokenizer, [*history, {"role": "user", "content": prompt}], cfg.generate)
+            answer([*history, {"role": "user", "content": prompt}])
             return
         who = "adapter" if cfg.generate.adapter else "base model"
         print(f"Chatting with {who} of {run_dir} (Ctrl-D to quit).", file=sys.stderr)
@@ -48,4 +86,4 @@ def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
             if not line.strip():
                 continue
             history.append({"role": "user", "content": line})
-            history.append({"role": "assistant", "content": reply(model, tokenizer, history, cfg.generate)})
+            history.append({"role": "assistant", "content": answer(history)})

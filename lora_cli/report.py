@@ -109,6 +109,8 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*")
+    # bitsandbytes' CPU 4-bit matmul: its gradients are checked against a dequantized model in the tests.
+    warnings.filterwarnings("ignore", message=".*gemv_4bit: an autograd kernel was not registered.*")
 
 
 @contextmanager
@@ -124,20 +126,35 @@ def progress_steps(label: str, total: int):
 
 
 def eval_table(report: dict) -> None:
-    """Base model and adapter side by side, then a few sample generations."""
-    table = Table(title=f"lora eval: {report['dataset']} ({report['split']}, {report['examples']} examples)",
-                  title_justify="left")
+    """Base model and adapter side by side, the adapter's most confused labels, then a few sample outputs.
+    Every task-metric row names the label mode that produced it; the loss rows are teacher-forced."""
+    from rich.markup import escape
+
+    mode = report["label_mode"]
+    table = Table(title=f"lora eval: {report['dataset']} ({report['split']}, {report['examples']} examples, "
+                        f"label_mode={mode}: {report['decoding']})", title_justify="left")
     for column in ("", "base model", "with adapter"):
         table.add_column(column, justify="right" if column else "left")
     rows = [("eval loss", "eval_loss", "{:.4f}"), ("perplexity", "perplexity", "{:.2f}")]
     if report["metric"] == "exact_match":
-        rows += [("accuracy (exact label)", "accuracy", "{:.1%}"),
-                 ("not a valid label", "invalid_labels", "{}")]
+        rows += [(f"accuracy, exact label ({mode})", "accuracy", "{:.1%}"),
+                 (f"macro-F1 ({mode})", "macro_f1", "{:.3f}"),
+                 (f"not a valid label ({mode})", "invalid_labels", "{}")]
     else:
         rows += [("token F1", "token_f1", "{:.3f}")]
     for name, key, fmt in rows:
         table.add_row(name, fmt.format(report["base"][key]), fmt.format(report["adapter"][key]))
     stdout.print(table)
+    confused = report["adapter"].get("confused")
+    if confused:
+        pairs = Table(title=f"most confused labels, with adapter ({mode})", title_justify="left")
+        for column in ("gold", "predicted", "count"):
+            pairs.add_column(column, justify="right" if column == "count" else "left")
+        for pair in confused:
+            pairs.add_row(escape(pair["gold"]), escape(pair["predicted"]), str(pair["count"]))
+        stdout.print(pairs)
+    if report.get("confusion_png"):
+        stdout.print(f"confusion matrix (with adapter): {report['confusion_png']}", markup=False)
     for sample in report["samples"]:
         stdout.print(f"[bold]prompt[/]  {sample['prompt']}\n[bold]gold[/]    {sample['gold']!r}\n"
                      f"[bold]base[/]    {sample['base']!r}\n[bold]adapter[/] {sample['adapter']!r}\n",
@@ -158,6 +175,11 @@ def merge_table(result: dict) -> None:
         table.add_row("4-bit base error", f"max |(4-bit base + adapter) - merged| = "
                                           f"{result['quantized_max_abs_diff']:.3g} (the quantisation error the "
                                           "full-precision merge removes; reported, not checked)")
+    export = result.get("lowrank_export")
+    if export:
+        table.add_row(f"rank-{export['rank']} export", f"{result['output']}/{export['folder']}: stock peft LoRA; "
+                      f"relative error per module median {export['median_rel_error']:.3g}, max "
+                      f"{export['max_rel_error']:.3g}; max logit difference {export['max_abs_logit_diff']:.3g}")
     stdout.print(table)
 
 

@@ -40,17 +40,28 @@ def row(run_dir: Path, root: Path) -> dict:
     evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
     adapter_metrics = evaluation.get("adapter", {})
     rss = result.get("peak_memory", {}).get("RSS")
+    logged = last_logged(run_dir)  # runs without run.json (an older layout) still have their metrics
     return {
         "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
         "status": record.get("status", "unknown"), "overrides": " ".join(record.get("overrides", [])),
         "variant": record.get("variant", result.get("variant")), "r": record.get("r", result.get("r")),
         "alpha": record.get("alpha"), "trainable_params": result.get("trainable_params"),
-        "train_loss": result.get("train_loss_last"),
-        "eval_loss": adapter_metrics.get("eval_loss", result.get("eval_loss_after")),
+        "train_loss": result.get("train_loss_last", logged.get("loss")),
+        "eval_loss": adapter_metrics.get("eval_loss", result.get("eval_loss_after", logged.get("eval_loss"))),
         "accuracy": adapter_metrics.get("accuracy"), "token_f1": adapter_metrics.get("token_f1"),
         "tokens_per_s": result.get("tokens_per_s"), "wall_time_s": result.get("wall_time_s"),
         "peak_rss_mib": rss / 2**20 if rss else None, "reason": record.get("reason", ""),
     }
+
+
+def last_logged(run_dir: Path) -> dict:
+    """The last logged value of each metric in the run's metrics.jsonl ({} if it has none)."""
+    path = run_dir / "metrics.jsonl"
+    last: dict = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            last.update(json.loads(line))
+    return last
 
 
 def sort_key(metric: str):
