@@ -210,16 +210,22 @@ def test_scale_count_on_a_deeper_model(mode, count):
     assert (values[0], values[-1]) == pytest.approx((0.1, 0.5), rel=1e-6)
 
 
-# 6
-@pytest.mark.parametrize("granularity", ["layer", "module"])
-def test_scale_gradient_identity(tiny_checkpoint, granularity):
-    """dℓ/dθ_g = <∂ℓ/∂B, B>_F = <∂ℓ/∂A, A>_F summed over the modules sharing θ_g (float64)."""
-    run, variant, model = build(tiny_checkpoint, [*SLORA, f"adapter.scale.granularity={granularity}"])
+def backward_in_float64(tiny_checkpoint, overrides: list[str]):
+    """An S-LoRA model with moved factors and scales, after one backward in float64 (no dropout)."""
+    _, _, model = build(tiny_checkpoint, [*SLORA, *overrides])
     model.double()
     perturb(model)
     model.eval()
     ids = token_batch(model)
     model(input_ids=ids, labels=ids).loss.backward()
+    return model
+
+
+# 6
+@pytest.mark.parametrize("granularity", ["layer", "module"])
+def test_scale_gradient_identity(tiny_checkpoint, granularity):
+    """dℓ/dθ_g = <∂ℓ/∂B, B>_F = <∂ℓ/∂A, A>_F summed over the modules sharing θ_g (float64)."""
+    model = backward_in_float64(tiny_checkpoint, [f"adapter.scale.granularity={granularity}"])
     scales = find_scales(model)
     via_b = torch.zeros(len(scales.groups), dtype=torch.float64)
     via_a = torch.zeros_like(via_b)
@@ -253,12 +259,7 @@ def test_scales_get_the_same_gradients_under_gradient_checkpointing(tiny_checkpo
 
 def test_global_gradient_is_the_chain_rule_of_the_per_block_ones(tiny_checkpoint):
     """dℓ/dg0 = Σ_l dℓ/dθ_l and dℓ/dg1 = Σ_l t_l dℓ/dθ_l, with dℓ/dθ_l = <∂ℓ/∂B_l, B_l>."""
-    run, variant, model = build(tiny_checkpoint, [*SLORA, "adapter.scale.mode=global"])
-    model.double()
-    perturb(model)
-    model.eval()
-    ids = token_batch(model)
-    model(input_ids=ids, labels=ids).loss.backward()
+    model = backward_in_float64(tiny_checkpoint, ["adapter.scale.mode=global"])
     scales = find_scales(model)
     per_block = torch.zeros(2, dtype=torch.float64)
     for name, layer in lora_layers(model).items():
