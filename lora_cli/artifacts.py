@@ -44,21 +44,43 @@ def write_config(run_dir: Path, cfg: RunConfig) -> None:
     (run_dir / "config.yaml").write_text(config_yaml(cfg))
 
 
-def save_adapter(variant, model, tokenizer, out_dir: Path, metadata: dict[str, str]) -> None:
+def check_adapter_tensors(tensors: dict) -> None:
+    """Refuse to write an adapter with nothing in it. Under FSDP / ZeRO-3 a process holds only a shard of each
+    tensor (ZeRO-3: a tensor of size 0), so an adapter saved without gathering them first is empty, and
+    loads without complaint."""
+    empty = sorted(name for name, tensor in tensors.items() if tensor.numel() == 0)
+    if empty or not any("lora_" in name for name in tensors):
+        found = f"{len(empty)} of {len(tensors)} tensors have no elements (e.g. {empty[0]})" if empty else \
+            f"no lora_ tensor among {len(tensors)}"
+        raise RuntimeError(f"refusing to save an empty adapter: {found}; were sharded parameters saved "
+                           "without gathering them from every process?")
+
+
+def save_adapter(variant, model, tokenizer, out_dir: Path, metadata: dict[str, str],
+                 state_dict: dict | None = None) -> None:
     """Save a stock-peft-loadable adapter (and any files the variant adds) atomically: written beside, then
-    renamed into place, so an `adapter/` folder is always complete."""
+    renamed into place, so an `adapter/` folder is always complete, and never empty (`check_adapter_tensors`).
+
+    `state_dict`: the adapter's tensors gathered from every process when they were sharded (FSDP, ZeRO-3;
+    plain LoRA only, `launched.check_supported`); None: peft reads them from the model."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     partial = staging_dir(out_dir)
     try:
-        variant.save(model, partial)
+        if state_dict is None:
+            variant.save(model, partial)
+        else:
+            check_adapter_tensors(state_dict)
+            model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
         (partial / "README.md").unlink(missing_ok=True)  # peft's empty template; the run's README is the card
         tokenizer.save_pretrained(partial)
         weights = partial / "adapter_model.safetensors"
         with safe_open(weights, "pt") as f:
             header = f.metadata() or {}
-        save_file(load_file(weights), weights, metadata={**header, **metadata})
+        tensors = load_file(weights)
+        check_adapter_tensors(tensors)
+        save_file(tensors, weights, metadata={**header, **metadata})
         publish(partial, out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)

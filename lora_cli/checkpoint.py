@@ -28,9 +28,11 @@ from lora_cli.paths import publish, staging_dir
 
 FOLDER = "checkpoints"
 STATE = "state.json"
-# Keys that may differ between a checkpoint's run and the run resuming it: they change no update.
+# Keys that may differ between a checkpoint's run and the run resuming it: they change no update. The launch
+# keys say how the processes start and where they meet (machine_rank differs between the machines of one run).
 RESUMABLE_CHANGES = ("resume", "debug", "trainer.save_every", "trainer.keep_checkpoints", "trainer.eval_every",
-                     "trainer.eval_at_end", "trainer.on_nonfinite", "eval.", "generate.", "merge.")
+                     "trainer.eval_at_end", "trainer.on_nonfinite", "trainer.launcher", "trainer.num_machines",
+                     "trainer.machine_rank", "trainer.main_process_", "eval.", "generate.", "merge.")
 
 
 @dataclass

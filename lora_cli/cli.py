@@ -99,25 +99,29 @@ def run_train(args: list[str]) -> int:
                 if launched.rank() > 0:  # one process writes Hydra's .hydra/ record of the run
                     args = [*args, "hydra.output_subdir=null"]
             elif run.trainer.num_processes > 1:
-                return launched.launch(args, run.trainer.num_processes,
-                                       run_dir or overrides.run_dir(configs, recipes, args))
+                return launched.launch(args, run.trainer, run_dir or overrides.run_dir(configs, recipes, args))
         elif ({"-m", "--multirun"} & set(flags)) and any(
                 a.startswith("trainer.num_processes=") and a != "trainer.num_processes=1" for a in args):
             raise UserError("trainer.num_processes>1 runs one job on several processes; it cannot be swept "
                             "with -m (run the jobs one by one)")
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()  # hydra.main leaves itself initialised: a second main() in one process needs this
     sys.argv = ["lora train", *args]
     hydra.main(config_path=str(configs), config_name="train", version_base="1.3")(train_job)()
     return 0
 
 
 def preflight(run, run_dir: str | None) -> None:
-    """The checks that need no model, made before Hydra creates a run dir: the run dir's rules, the
-    checkpoint to resume from, the data files and their rows."""
+    """The checks that need no model, made before Hydra creates a run dir: the launcher, the run dir's rules,
+    the checkpoint to resume from, the data files and their rows."""
     from lora_cli.artifacts import config_yaml
     from lora_cli.checkpoint import check_run_dir, check_same_run, resolve_resume
     from lora_cli.data import load_train_eval
+    from lora_cli.launched import check_launcher
     from lora_cli.report import quiet_libraries
 
+    check_launcher(run)
     if run_dir:
         check_run_dir(Path(run_dir), run.resume)
     elif run.resume == "auto":

@@ -28,6 +28,8 @@ SCALE_MODES = ("per_layer", "global")
 SCALE_GRANULARITIES = ("layer", "module")
 ETA_MODES = ("raw", "adam_effective")
 MOMENT_CONVENTIONS = ("chain_rule", "own")
+# Accelerate config files shipped in launchers/ (trainer.launcher=NAME); a path to the user's own also works.
+LAUNCHERS = ("ddp", "fsdp", "fsdp_qlora", "deepspeed_zero2", "deepspeed_zero3")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -247,6 +249,14 @@ class TrainerConfig:
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
     on_nonfinite: str = "stop"  # stop: fail naming the step (checkpoints kept); skip: drop that step's update
     num_processes: int = 1  # >1: `accelerate launch` this run on N processes (gloo on CPU, one GPU each on CUDA)
+    # How the processes are launched: null (DDP, gloo on CPU), a name in launchers/ (ddp, fsdp, fsdp_qlora,
+    # deepspeed_zero2, deepspeed_zero3) or the path of an accelerate config file.
+    launcher: str | None = None
+    # Several machines: num_processes counts all of them; run the same command on each with its machine_rank.
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None  # the address of machine 0, which every machine can reach
+    main_process_port: int | None = None  # null: a free port on one machine, 29500 across machines
 
     def validate(self) -> None:
         _require(self.lr > 0, f"trainer.lr={self.lr} must be > 0 (e.g. trainer.lr=2e-4)")
@@ -266,6 +276,30 @@ class TrainerConfig:
         _require(self.keep_checkpoints > 0, f"trainer.keep_checkpoints={self.keep_checkpoints} must be > 0")
         _require_choice(self.on_nonfinite, "trainer.on_nonfinite", NONFINITE_POLICIES)
         _require(self.num_processes > 0, f"trainer.num_processes={self.num_processes} must be > 0")
+        self._validate_launch()
+
+    def _validate_launch(self) -> None:
+        """The launch keys alone; what a launcher needs of the machine and the run is checked before launching
+        (`launched.check_launcher`), so a finished run's config still loads on another machine."""
+        launcher = self.launcher
+        _require(launcher is None or launcher in LAUNCHERS or launcher.endswith((".yaml", ".yml", ".json")),
+                 f"trainer.launcher={launcher!r} is not valid; choose one of: {', '.join(LAUNCHERS)} (or the path "
+                 "of an accelerate config file, .yaml)")
+        _require(launcher is None or self.num_processes > 1,
+                 f"trainer.launcher={launcher} starts several processes; set trainer.num_processes=N (one per GPU, "
+                 "counted over all machines)")
+        _require(self.num_machines > 0, f"trainer.num_machines={self.num_machines} must be > 0")
+        _require(0 <= self.machine_rank < self.num_machines,
+                 f"trainer.machine_rank={self.machine_rank} must be in 0..{self.num_machines - 1} "
+                 f"(trainer.num_machines={self.num_machines})")
+        _require(self.num_processes % self.num_machines == 0,
+                 f"trainer.num_processes={self.num_processes} counts the processes of all "
+                 f"{self.num_machines} machines, so it must be a multiple of trainer.num_machines")
+        _require(self.num_machines == 1 or self.main_process_ip is not None,
+                 f"trainer.num_machines={self.num_machines} needs trainer.main_process_ip=ADDRESS (machine 0's "
+                 "address, the same on every machine)")
+        _require(self.main_process_port is None or 0 < self.main_process_port < 65536,
+                 f"trainer.main_process_port={self.main_process_port} must be a port number (1..65535) or null")
 
 
 @dataclass

@@ -203,7 +203,7 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
     for name in ("base", "adapter"):
         with base_only(adapted) if name == "base" else merged_for_decoding(model):
             t0 = time.perf_counter()
-            loss = evaluate_loss(model, batches, model.device)
+            loss = evaluate_loss(model, batches, model.device, model.get_output_embeddings())
             t1 = time.perf_counter()
             outputs[name] = predict(model, tokenizer, prompts, cfg, trie, name)
             # The loss is teacher-forced on the gold replies; only the task metric depends on the label mode.

@@ -1,13 +1,26 @@
 """Several processes: `trainer.num_processes=N` re-runs the same `lora train` command under `accelerate launch`
 (torchrun underneath), one process per GPU, or N CPU processes with the gloo backend. The loop inside is
-the same; only the main process (rank 0) prints and writes files."""
+the same; only the main process (rank 0) prints and writes files.
+
+`trainer.launcher=NAME` launches with one of the accelerate config files in launchers/ (DDP, FSDP, DeepSpeed
+ZeRO-2/3) or the user's own; `accelerate launch --config_file FILE -m lora_cli train ...` run by hand does the
+same. What this loop does not do under FSDP / DeepSpeed is refused before any process starts."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
+
+from lora_cli.config import LAUNCHERS, RunConfig, TrainerConfig
+from lora_cli.errors import UserError
+
+# accelerate's distributed_type values under which the loop hands parameters or the step to a framework.
+SHARDING_TYPES = ("FSDP", "DEEPSPEED")
+MULTI_MACHINE_PORT = 29500  # torchrun's default; every machine must use the same one
 
 
 def world_size() -> int:
@@ -26,15 +39,105 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args: list[str], num_processes: int, run_dir: str) -> int:
-    """Run `lora train ARGS` on `num_processes` processes and return their exit code.
+def launcher_file(launcher: str) -> Path:
+    """The accelerate config file of `trainer.launcher`: a shipped one by name, else the user's path."""
+    from lora_cli.paths import shipped_dir
 
-    `--multi_gpu` is accelerate's flag for torchrun-style launching: on a CPU-only machine it starts the N
-    processes with the gloo backend (its `--cpu` flag with a MULTI_CPU config would silently start one).
-    `--quiet` keeps torchrun's own stack traces out of the way of our one-line errors."""
+    if launcher in LAUNCHERS:
+        return shipped_dir("launchers") / f"{launcher}.yaml"
+    return Path(launcher).expanduser()
+
+
+def distributed_type(config_file: Path) -> str:
+    """The file's `distributed_type` (MULTI_GPU, FSDP, DEEPSPEED, ...), as accelerate reads it."""
+    import yaml
+
+    try:
+        found = (yaml.safe_load(config_file.read_text()) or {}).get("distributed_type")
+    except (OSError, yaml.YAMLError, AttributeError) as exc:
+        raise UserError(f"trainer.launcher={config_file} is not a readable accelerate config file "
+                        f"({type(exc).__name__}); write one with `accelerate config --config_file FILE`") from None
+    if not isinstance(found, str):
+        raise UserError(f"trainer.launcher={config_file} names no distributed_type; it must be an accelerate "
+                        "config file (`accelerate config --config_file FILE` writes one)")
+    return found
+
+
+def check_launcher(run: RunConfig) -> None:
+    """Before launching: the launcher file exists, this machine can run it, and the loop supports it."""
+    launcher = run.trainer.launcher
+    if launcher is None:
+        return
+    path = launcher_file(launcher)
+    if not path.is_file():
+        raise UserError(f"trainer.launcher={launcher}: no such file; pass one of {', '.join(LAUNCHERS)} or the "
+                        "path of an accelerate config file")
+    kind = distributed_type(path)
+    if kind in SHARDING_TYPES:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.launcher={launcher} ({kind}) needs CUDA GPUs and this machine has none; on "
+                            "CPU leave trainer.launcher unset (or use ddp): gloo DDP with trainer.num_processes=N")
+        if kind == "DEEPSPEED" and importlib.util.find_spec("deepspeed") is None:
+            raise UserError(f"trainer.launcher={launcher} needs the deepspeed package, which is not installed; run "
+                            "`pip install deepspeed`")
+    check_supported(run, kind)
+
+
+def check_supported(run: RunConfig, kind: str) -> None:
+    """What the loop does not do under FSDP / DeepSpeed (`kind` is accelerate's distributed_type). Called before
+    launching and again inside `train`, which also covers `accelerate launch` run by hand.
+
+    Each process holds only a shard of the optimizer state there, and the variants' hooks read whole gradients
+    and optimizer moments; DeepSpeed's engine also takes the step inside backward, before the loop could
+    accumulate micro-batches or skip a step."""
+    if kind not in SHARDING_TYPES:
+        return
+    under = f"under {kind} (trainer.launcher={run.trainer.launcher or 'an accelerate config file'})"
+    if run.adapter.name not in ("lora", "qlora"):
+        raise UserError(f"adapter={run.adapter.name} is not supported {under}; use adapter=lora or adapter=qlora, or "
+                        "leave trainer.launcher unset (DDP)")
+    if run.trainer.save_every is not None or run.resume is not None:
+        raise UserError(f"checkpoints (trainer.save_every, resume) are not supported {under}: each process holds "
+                        "only a shard of the optimizer state; set trainer.save_every=null and drop resume")
+    if run.adapter.quantize is not None and not (run.model.dtype == "bfloat16" and run.trainer.precision == "bf16"):
+        raise UserError(f"a 4-bit base {under} needs model.dtype=bfloat16 and trainer.precision=bf16: the 4-bit "
+                        "weights are stored in model.dtype so that they shard with the rest, and must not be cast")
+    if kind == "DEEPSPEED" and run.trainer.grad_accum != 1:
+        raise UserError(f"trainer.grad_accum={run.trainer.grad_accum} is not supported {under}: its engine steps "
+                        "after every backward; set trainer.grad_accum=1 and raise trainer.batch_size instead")
+    if kind == "DEEPSPEED" and run.trainer.on_nonfinite != "stop":
+        raise UserError(f"trainer.on_nonfinite={run.trainer.on_nonfinite} is not supported {under}: its engine "
+                        "has taken the step before the loop sees the gradients; set trainer.on_nonfinite=stop")
+
+
+def shards_parameters(accelerator) -> bool:
+    """FSDP and DeepSpeed ZeRO-3 split every parameter over the processes: none holds a whole tensor."""
+    kind = accelerator.distributed_type.value
+    return kind == "FSDP" or (kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def launch_command(args: list[str], trainer: TrainerConfig, run_dir: str) -> list[str]:
+    """The `accelerate launch` command that runs `lora train ARGS` on `trainer.num_processes` processes.
+
+    Without a launcher file, `--multi_gpu` is accelerate's flag for torchrun-style launching: on a CPU-only
+    machine it starts the N processes with the gloo backend (its `--cpu` flag with a MULTI_CPU config would
+    silently start one). With one, `--config_file` says it all; the trainer.* launch keys given here win over
+    the file's. `--quiet` keeps torchrun's own stack traces out of the way of our one-line errors."""
     args = [a for a in args if not a.startswith("hydra.run.dir=")]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-               str(num_processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(free_port()), "--quiet", "-m", "lora_cli", "train", *args,
-               f"hydra.run.dir={run_dir}"]
-    return subprocess.call(command)
+    if trainer.launcher is None:
+        how = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    else:
+        how = ["--config_file", str(launcher_file(trainer.launcher))]
+    port = trainer.main_process_port or (free_port() if trainer.num_machines == 1 else MULTI_MACHINE_PORT)
+    where = ["--num_processes", str(trainer.num_processes), "--num_machines", str(trainer.num_machines)]
+    if trainer.num_machines > 1:
+        where += ["--machine_rank", str(trainer.machine_rank), "--main_process_ip", str(trainer.main_process_ip)]
+    return [sys.executable, "-m", "accelerate.commands.launch", *how, *where, "--main_process_port", str(port),
+            "--quiet", "-m", "lora_cli", "train", *args, f"hydra.run.dir={run_dir}"]
+
+
+def launch(args: list[str], trainer: TrainerConfig, run_dir: str) -> int:
+    """Run `lora train ARGS` on `trainer.num_processes` processes and return their exit code."""
+    return subprocess.call(launch_command(args, trainer, run_dir))

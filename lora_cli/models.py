@@ -189,31 +189,35 @@ def load_tokenizer(checkpoint: Checkpoint, cfg: ModelConfig):
     return tokenizer
 
 
-def quantization_config(quantize: str, double_quant: bool, on_cuda: bool):
+def quantization_config(quantize: str, double_quant: bool, on_cuda: bool, storage: str | None = None):
     """bitsandbytes 4-bit settings (QLoRA). bitsandbytes is imported only here, when a 4-bit base is asked for;
-    it runs on CPU (>= 0.48) and CUDA. Compute in bf16 on CUDA, fp32 on CPU (no bf16 speed-up there)."""
+    it runs on CPU (>= 0.48) and CUDA. Compute in bf16 on CUDA, fp32 on CPU (no bf16 speed-up there).
+    `storage`: a float dtype to pack the 4-bit weights in (FSDP / ZeRO-3 shard them with the other weights
+    only then); None keeps bitsandbytes' uint8."""
     import torch
     from transformers import BitsAndBytesConfig
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"adapter.quantize={quantize} needs the bitsandbytes package, which is not installed; "
                         "run `pip install 'bitsandbytes>=0.48'` or set adapter.quantize=null")
+    packing = {"bnb_4bit_quant_storage": getattr(torch, storage)} if storage else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize,
                               bnb_4bit_use_double_quant=double_quant,
-                              bnb_4bit_compute_dtype=torch.bfloat16 if on_cuda else torch.float32)
+                              bnb_4bit_compute_dtype=torch.bfloat16 if on_cuda else torch.float32, **packing)
 
 
 def load_model(checkpoint: Checkpoint, cfg: ModelConfig, tokenizer=None, quantize: str | None = None,
-               double_quant: bool = True, device=None):
+               double_quant: bool = True, device=None, quant_storage: str | None = None):
     """The frozen base model, safetensors only (`use_safetensors=True` never falls back to pickle);
-    4-bit (`quantize=nf4|fp4`) on `device` when asked."""
+    4-bit (`quantize=nf4|fp4`) on `device` when asked, packed in `quant_storage` (see `quantization_config`)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {}
     if quantize:
         device = torch.device(device or "cpu")
-        kwargs = {"quantization_config": quantization_config(quantize, double_quant, device.type == "cuda"),
+        kwargs = {"quantization_config": quantization_config(quantize, double_quant, device.type == "cuda",
+                                                             quant_storage),
                   "device_map": {"": device}}
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint.path, dtype=getattr(torch, cfg.dtype), use_safetensors=True,

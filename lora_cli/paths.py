@@ -11,7 +11,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def shipped_dir(name: str) -> Path:
-    """`configs/`, `recipes/`: inside the package in a wheel, at the top of the repo in a checkout."""
+    """`configs/`, `recipes/`, `launchers/`: inside the package in a wheel, at the top of the repo in a checkout."""
     for candidate in (PACKAGE_DIR / name, PACKAGE_DIR.parent / name):
         if candidate.is_dir():
             return candidate

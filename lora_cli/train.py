@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
-from lora_cli import adapters, artifacts, checkpoint
+from lora_cli import adapters, artifacts, checkpoint, launched
 from lora_cli.checkpoint import TrainState
 from lora_cli.config import RunConfig, TrainerConfig
 from lora_cli.data import IGNORE_INDEX, TokenizedSplit, collate, micro_batches, prepare, take
@@ -46,15 +46,23 @@ def token_loss_sum(model, head, batch: dict):
     Not averaged: the caller divides by the labelled-token count of the whole optimizer step, so every
     token weighs the same however the step is split into micro-batches and processes. The output head
     runs only on labelled positions (with a 49k vocabulary it is a fifth of the FLOPs, and most positions
-    are prompt); the model is still called as a whole, which DDP needs to sync gradients."""
+    are prompt); the model is still called as a whole, which DDP needs to sync gradients.
+
+    `head=None` when parameters are sharded (FSDP, ZeRO-3): the head's weights exist whole only inside the
+    wrapped model's forward, so the model computes the logits there, at the positions labelled in any row."""
     import torch
     import torch.nn.functional as F
 
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long))
     labels = batch["labels"][:, 1:]
     labelled = labels != IGNORE_INDEX
-    logits = head(outputs.hidden_states[-1][:, :-1][labelled])
+    if head is None:
+        keep = labelled.any(0).nonzero().squeeze(1)
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+        logits = outputs.logits[labelled[:, keep]]
+    else:
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long))
+        logits = head(outputs.hidden_states[-1][:, :-1][labelled])
     return F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
 
 
@@ -67,9 +75,10 @@ def predicted_labels(example: dict) -> int:
     return sum(t != IGNORE_INDEX for t in example["labels"][1:])
 
 
-def evaluate_loss(model, loader, device) -> float:
+def evaluate_loss(model, loader, device, head) -> float:
     """Token-weighted mean loss over a whole split. Each process evaluates all of it (eval sets are small),
-    so the number is the same everywhere without any communication."""
+    so the number is the same everywhere without any communication. `model` and `head` as for
+    `token_loss_sum` (under FSDP the prepared model, whose forward gathers the shards)."""
     import torch
 
     was_training = model.training
@@ -78,7 +87,7 @@ def evaluate_loss(model, loader, device) -> float:
     with torch.no_grad():
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            total += float(token_loss_sum(model, model.get_output_embeddings(), batch))
+            total += float(token_loss_sum(model, head, batch))
             tokens += count_label_tokens(batch)
     model.train(was_training)
     return total / tokens
@@ -118,6 +127,47 @@ def grads_finite(params) -> bool:
 
     grads = [p.grad for p in params if p.grad is not None]
     return bool(torch.isfinite(torch.nn.utils.get_total_norm(grads))) if grads else True
+
+
+def step_is_finite(accelerator, loss: float, params, sharded: bool) -> bool:
+    """Whether this step's loss and gradients are finite. With sharded parameters each process sees only its
+    shard of the gradients, so the processes agree on the answer: one skipping or stopping alone would leave
+    the others waiting in the next collective."""
+    import torch
+
+    finite = math.isfinite(loss) and grads_finite(params)
+    if not sharded:
+        return finite
+    votes = accelerator.reduce(torch.tensor(int(finite), device=accelerator.device), reduction="sum")
+    return int(votes.item()) == accelerator.num_processes
+
+
+def fit_plugins(accelerator, model, trainer: TrainerConfig) -> None:
+    """Settings of FSDP / DeepSpeed that only the loop knows, set before `prepare`.
+
+    FSDP: peft's wrap policy gives each LoRA matrix its own unit (besides the transformer blocks), so the
+    frozen shards need no gradient. DeepSpeed: its engine steps inside `accelerator.backward`, so it gets one
+    micro-batch of trainer.batch_size per process per step (grad_accum=1 is checked before launch) and the
+    loop's clipping threshold."""
+    kind = accelerator.distributed_type.value
+    if kind == "FSDP":
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        accelerator.state.fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(model)
+    elif kind == "DEEPSPEED":
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=trainer.batch_size, gradient_accumulation_steps=1,
+            gradient_clipping=trainer.max_grad_norm)
+
+
+def gathered_adapter_state(accelerator, model) -> dict | None:
+    """The adapter's tensors gathered whole from every process, when parameters are sharded over them (FSDP,
+    DeepSpeed ZeRO-3): a collective, so every process calls it; the main process gets the tensors, the others
+    an empty dict. None when every process holds the whole adapter (peft then reads the model itself)."""
+    if not launched.shards_parameters(accelerator):
+        return None
+    state = accelerator.get_state_dict(model) or {}
+    return {name: tensor for name, tensor in state.items() if "lora_" in name}
 
 
 def accumulate_gradients(accelerator, model, head, batches: list[dict], step_tokens: int) -> tuple[float, int]:
@@ -209,6 +259,8 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.trainer.precision),
                               cpu=not torch.cuda.is_available())
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    launched.check_supported(cfg, accelerator.distributed_type.value)  # also under `accelerate launch` by hand
+    sharded = launched.shards_parameters(accelerator)
     set_seed(cfg.trainer.seed)
     resume_from = checkpoint.resolve_resume(cfg.resume, run_dir)
     if resume_from:
@@ -221,8 +273,9 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * world  # examples per optimizer step
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
     variant = adapters.build(cfg.adapter, cfg.trainer, steps)
+    # Sharded 4-bit weights are stored in the model's dtype: FSDP / ZeRO-3 shard float tensors of one dtype.
     model = variant.apply(load_model(base, cfg.model, tokenizer, cfg.adapter.quantize, cfg.adapter.double_quant,
-                                     accelerator.device))
+                                     accelerator.device, quant_storage=cfg.model.dtype if sharded else None))
     if cfg.trainer.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     trainable, total_params = model.get_nb_trainable_parameters()
@@ -230,10 +283,11 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     state, records = TrainState(), []
     if resume_from:
         state, records = checkpoint.restore(resume_from, model, variant, optimizer, scheduler)
+    fit_plugins(accelerator, model, cfg.trainer)
     # The scheduler is not prepared: accelerate would step it once per process per step.
     model, optimizer = accelerator.prepare(model, optimizer)
     peft_model, torch_optimizer = accelerator.unwrap_model(model), optimizer.optimizer
-    head = peft_model.get_output_embeddings()
+    head = None if sharded else peft_model.get_output_embeddings()
     evaluation = eval_batches(eval_split, cfg.trainer.eval_batch_size, tokenizer.pad_token_id)
     if is_main:
         print_data_plan(train_split, eval_split, steps, trainable, total_params)
@@ -244,6 +298,9 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     metrics = MetricsLog(run_dir / "metrics.jsonl", records, enabled=is_main)
 
     def save_checkpoint() -> Path:
+        if accelerator.distributed_type.value in launched.SHARDING_TYPES:  # save_every was refused; a signal
+            raise UserError(f"stopped after step {state.step} without a checkpoint: checkpoints are not supported "
+                            f"under {accelerator.distributed_type.value}")
         path = checkpoint.step_dir(run_dir, state.step)
         rng = gather_object([checkpoint.rng_state()]) if world > 1 else [checkpoint.rng_state()]
         if is_main:
@@ -254,7 +311,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
 
     # ---- train
     if state.step == 0:
-        metrics.log({"step": 0, "eval_loss": evaluate_loss(peft_model, evaluation, accelerator.device)})
+        metrics.log({"step": 0, "eval_loss": evaluate_loss(model, evaluation, accelerator.device, head)})
     if resume_from:
         checkpoint.restore_rng(resume_from, rank)  # last, so nothing above consumes the restored generators
     model.train()
@@ -271,11 +328,13 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
             train_loss = loss_total / step_tokens
             state.step, state.consumed = step, state.consumed + step_size
             record = {"step": step}
-            if math.isfinite(train_loss) and grads_finite(params):
+            if step_is_finite(accelerator, train_loss, params, sharded):
                 record |= variant.before_clip(peft_model, torch_optimizer, step)
-                grad_norm = accelerator.clip_grad_norm_(params, cfg.trainer.max_grad_norm)
+                # All the prepared model's parameters: that is how accelerate recognises an FSDP model and clips
+                # by the norm over every shard (frozen ones have no gradient; DeepSpeed clips in its engine).
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
                 optimizer.step()
-                record |= {"grad_norm": float(grad_norm)}
+                record |= {"grad_norm": float(grad_norm)} if grad_norm is not None else {}
             elif cfg.trainer.on_nonfinite == "stop":
                 raise UserError(f"non-finite loss or gradients at step {step} (loss {train_loss}); the last good "
                                 f"checkpoint, if any, is in {run_dir / checkpoint.FOLDER}; lower trainer.lr, "
@@ -295,7 +354,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
             progress.update(task, advance=1, loss=train_loss, lr=lr, tps=state.tokens / state.train_time)
 
             if step % cfg.trainer.eval_every == 0 or step == steps:
-                eval_loss = evaluate_loss(peft_model, evaluation, accelerator.device)
+                eval_loss = evaluate_loss(model, evaluation, accelerator.device, head)
                 metrics.log({"step": step, "eval_loss": eval_loss})
                 progress.update(task, eval_loss=eval_loss)
             if stop.agreed(accelerator):
@@ -316,11 +375,12 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
         "truncated": train_split.truncated + eval_split.truncated,
         "dropped": train_split.dropped + eval_split.dropped,
     }
+    adapter_state = gathered_adapter_state(accelerator, model)  # every process takes part in the gather
     if is_main:
         metrics.close()
         provenance = artifacts.provenance(base, data_fingerprint, cfg)
         artifacts.write_config(run_dir, cfg)
-        artifacts.save_adapter(variant, peft_model, tokenizer, run_dir / "adapter", provenance)
+        artifacts.save_adapter(variant, peft_model, tokenizer, run_dir / "adapter", provenance, adapter_state)
         artifacts.plot_loss(train_loss, eval_loss, run_dir / "loss.png")
         variant.finish(peft_model, run_dir, metrics.records)
         artifacts.write_model_card(run_dir, cfg, result, provenance, command)

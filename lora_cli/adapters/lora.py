@@ -59,6 +59,12 @@ def lora_config(cfg: AdapterConfig, model=None):
     )
 
 
+def packed_in_float(model) -> bool:
+    """Whether a 4-bit base stores its packed weights in a float dtype (bnb_4bit_quant_storage), not uint8."""
+    storage = getattr(getattr(model.config, "quantization_config", None), "bnb_4bit_quant_storage", None)
+    return storage is not None and getattr(storage, "is_floating_point", False)
+
+
 def lora_layers(model) -> dict[str, object]:
     """Every peft LoRA layer of the model by its module name (they hold lora_A, lora_B and `scaling`)."""
     from peft.tuners.lora import LoraLayer
@@ -77,11 +83,13 @@ class Lora:
 
     def apply(self, model):
         """Wrap the frozen base model; only the adapter's parameters stay trainable. A 4-bit base (QLoRA) is
-        prepared first: peft casts its norms and embeddings to fp32 for stable training."""
+        prepared first: peft casts its norms and embeddings to fp32 for stable training; except when its
+        4-bit weights are packed in a float dtype to be sharded (FSDP / ZeRO-3), where every base weight
+        must keep that one dtype."""
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         check_targets(model, self.cfg)
-        if getattr(model, "is_loaded_in_4bit", False):
+        if getattr(model, "is_loaded_in_4bit", False) and not packed_in_float(model):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, lora_config(self.cfg, model))
 
