@@ -38,7 +38,7 @@ def test_train_help_lists_groups_and_options():
 def test_cfg_job_prints_the_composed_recipe_without_running(tmp_path):
     proc = lora("train", "--cfg", "job", "recipe=banking_support", "adapter.r=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "source: embedded" in proc.stdout and "r: 4" in proc.stdout and "max_steps: 60" in proc.stdout
+    assert "source: embedded" in proc.stdout and "r: 4" in proc.stdout and "max_steps: 100" in proc.stdout
     assert not (tmp_path / "outputs").exists()
 
 
@@ -61,6 +61,15 @@ def test_bad_overrides_fail_in_one_line_before_a_run_dir_exists(tmp_path, args, 
     proc = lora("train", "recipe=banking_support", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args", [["adapter.rank=8"], ["model=tiny_llama", "adapter.layers=[0,5]"]])
+def test_a_real_process_says_one_line_too(tmp_path, args):
+    """The other error tests call the entry point in-process; here the installed script runs as a process,
+    so a stray library warning or a traceback on the real stderr would show."""
+    proc = lora("train", "recipe=banking_support", *args, f"hydra.run.dir={tmp_path / 'run'}", process=True)
+    assert_one_line_error(proc, args[-1].split("=")[0])
+    assert not (tmp_path / "run" / "adapter").exists()
 
 
 def test_unknown_command_suggests_the_nearest():
