@@ -217,7 +217,7 @@ def full_ft_worker(run_dir: Path, deadline: float, overrides: list[str]) -> None
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
-        log({"step": 0, "eval_loss": evaluate_loss(model, evaluation, device)})
+        log({"step": 0, "eval_loss": evaluate_loss(model, evaluation, device, head)})
         model.train()
         for step in range(1, steps + 1):
             t0 = time.perf_counter()
@@ -239,7 +239,7 @@ def full_ft_worker(run_dir: Path, deadline: float, overrides: list[str]) -> None
                  "grad_norm": float(grad_norm), "tokens": seen, "tokens_per_s": seen / elapsed})
             out_of_time = time.time() > deadline and step < steps
             if step % trainer.eval_every == 0 or step == steps or out_of_time:
-                log({"step": step, "eval_loss": evaluate_loss(model, evaluation, device)})
+                log({"step": step, "eval_loss": evaluate_loss(model, evaluation, device, head)})
             if out_of_time:
                 stopped = step
                 break

@@ -240,7 +240,7 @@ def eval_worker(spec: dict) -> None:
         model = PeftModel.from_pretrained(base, folder)
         adapter_weights[name] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         flops.setdefault("W_lora", adapter_weights[name])
-        losses[name] = evaluate_loss(model, evaluation, torch.device("cpu"))
+        losses[name] = evaluate_loss(model, evaluation, torch.device("cpu"), model.get_output_embeddings())
     result = {"lora_steps": steps, "eval_loss": losses, "flops": flops, "adapter_weights": adapter_weights,
               "data": {"examples": len(train_split.examples), "tokens": train_split.tokens,
                        "label_tokens": train_split.label_tokens},
