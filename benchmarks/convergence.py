@@ -12,8 +12,8 @@ What it runs (defaults; all are options):
      means the same thing), 60 steps of batch 8, eval every 10 steps on 100 examples held out of *train*
      (the banking77 config holds out 500; `dataset.max_eval_examples` takes a fixed subset; the test split is
      never touched). Each run tokenises only the steps x batch training examples it will see.
-     lr grid {1e-3, 2e-3} for both methods (ScaLoRA at L=1, the current default); LoRA and ScaLoRA runs are
-     interleaved so that machine load drifts affect both alike.
+     lr grid {1e-3, 2e-3} for both methods (ScaLoRA at the shipped default L, 0.1 since the 2026-11-23 run);
+     LoRA and ScaLoRA runs are interleaved so that machine load drifts affect both alike.
   2. ScaLoRA's L swept at ScaLoRA's best lr over {0.1, 1, 10} (decades, spec: "sweep it on a log grid";
      with eta_mode=adam_effective the multipliers alpha, beta ~ 1/sqrt(L eta) and the clamp [0.5, 2] spans a
      factor 16 in L, so one decade either side of 1 covers "mostly clamped low" to "mostly clamped high").
@@ -361,7 +361,10 @@ def main() -> None:
     started = time.time()
     deadline = started + 60 * options.budget_minutes
     load_before = os.getloadavg()
-    base_L = 1.0 if 1.0 in options.Ls else options.Ls[len(options.Ls) // 2]
+    from lora_cli.config import ScaLoraConfig
+
+    default_L = ScaLoraConfig().L  # the lr grid runs at the shipped default; the L sweep then covers the rest
+    base_L = default_L if default_L in options.Ls else options.Ls[len(options.Ls) // 2]
     planned = 2 * len(options.lrs) + len(options.Ls) - 1 + (options.full_ft_lr > 0)
     print(f"convergence: {options.model}, r={options.rank}, {options.steps} steps x batch {BATCH}, eval every "
           f"{options.eval_every} on {options.eval_examples} held-out train examples; lrs {options.lrs}, "

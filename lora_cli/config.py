@@ -153,7 +153,7 @@ class ScaLoraConfig:
 
     interval: int = 10  # rescale every I optimizer steps
     warmup: int | None = None  # no rescale before this step; null = min(100, 10% of the steps)
-    L: float = 1.0  # smoothness constant of the quadratic bound; alpha, beta scale as 1/sqrt(L * eta)
+    L: float = 0.1  # smoothness constant of the quadratic bound; alpha, beta scale as 1/sqrt(L * eta)
     eta: str = "peak"  # which learning rate enters the formula: the peak lr
     eta_mode: str = "adam_effective"  # raw | adam_effective (eta / median sqrt(v_hat) of the module)
     clip: list[float] = field(default_factory=lambda: [0.5, 2.0])  # per-entry clamp of alpha and beta
