@@ -38,7 +38,7 @@ def test_train_help_lists_groups_and_options():
 def test_cfg_job_prints_the_composed_recipe_without_running(tmp_path):
     proc = lora("train", "--cfg", "job", "recipe=banking_support", "adapter.r=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "source: embedded" in proc.stdout and "r: 4" in proc.stdout and "max_steps: 100" in proc.stdout
+    assert "source: embedded" in proc.stdout and "r: 4" in proc.stdout and "max_steps: 90" in proc.stdout
     assert not (tmp_path / "outputs").exists()
 
 
