@@ -5,8 +5,9 @@
 
 Workload: the embedded SmolLM2-135M-Instruct (`--model smollm2_135m`, the default), Banking77 train
 (`../shared/data/banking77`) as chat conversations (system prompt, message -> intent label), LoRA r=16 alpha=32
-dropout=0.05 on every linear layer of every block, batch 16 (no accumulation), max length 256, AdamW lr 2e-4 with a
-linear schedule and no warmup, seed 42, `--warmup` + `--steps` optimizer steps, fp32 on the CPU (CUDA hidden).
+dropout=0 (peft's default, both contenders) on every linear layer of every block, batch 16 (no accumulation), max
+length 256, AdamW lr 2e-4 with a linear schedule and no warmup, seed 42, `--warmup` + `--steps` optimizer steps,
+fp32 on the CPU (CUDA hidden).
 Each contender runs in its own process, one after the other:
 
 - lora-cli: the `lora train` CLI as users run it (lora_args below, its defaults otherwise, e.g. length-grouped
@@ -86,7 +87,8 @@ TRL_DOC = (
 def lora_args(model: str, total_steps: int, eval_examples: int | None) -> list[str]:
     """The `lora train` overrides a user would type for this workload; also composed in-process by the workers."""
     args = ["recipe=banking_support", f"model={model}", "dataset=banking77", f"dataset.path={DATA}",
-            "adapter.r=16", "adapter.alpha=32", "trainer.batch_size=16", f"trainer.max_steps={total_steps}",
+            "adapter.r=16", "adapter.alpha=32", "adapter.dropout=0", "trainer.batch_size=16",
+            f"trainer.max_steps={total_steps}",
             "trainer.lr=2e-4", "trainer.schedule=linear", "trainer.warmup_ratio=0",
             f"trainer.eval_every={total_steps}", "dataset.max_seq_len=256"]
     return args + ([f"dataset.max_eval_examples={eval_examples}"] if eval_examples else [])
@@ -221,7 +223,8 @@ def eval_worker(spec: dict) -> None:
         start = (step - 1) * size
         examples = (take(train_split.examples, cfg.trainer.seed, start, size) if grouped is None
                     else take(train_split.examples, cfg.trainer.seed, start, size, grouped))
-        batches = micro_batches(examples, cfg.trainer.batch_size, 0, 1, tokenizer.pad_token_id)
+        pack_width = cfg.dataset.max_seq_len if getattr(cfg.trainer, "packing", False) else None
+        batches = micro_batches(examples, cfg.trainer.batch_size, 0, 1, tokenizer.pad_token_id, pack_width)
         stats = sequence_stats([len(e["input_ids"]) for e in examples], sum(predicted_labels(e) for e in examples),
                                sum(b["input_ids"].numel() for b in batches))
         steps.append({"step": step, **stats})

@@ -460,15 +460,20 @@ def take(examples: list[dict], seed: int, start: int, count: int, group_by_lengt
     return taken
 
 
-def micro_batches(step_examples: list[dict], batch_size: int, rank: int, world: int, pad_id: int) -> list[dict]:
+def micro_batches(step_examples: list[dict], batch_size: int, rank: int, world: int, pad_id: int,
+                  pack_width: int | None = None) -> list[dict]:
     """This process's micro-batches of one optimizer step.
 
     The step's examples are sorted by length first (less padding; the step's gradient is a sum over the
     same examples either way), then micro-batch k of process `rank` is slice (k * world + rank) of size
-    `batch_size`: N processes x batch b see exactly the examples of 1 process x batch N * b."""
+    `batch_size`: N processes x batch b see exactly the examples of 1 process x batch N * b. With
+    `pack_width`, each micro-batch is packed into rows of that many tokens (see `pack`) instead of padded."""
     ordered = sorted(step_examples, key=lambda e: len(e["input_ids"]))
     slices = range(rank, len(ordered) // batch_size, world)
-    return [collate(ordered[i * batch_size:(i + 1) * batch_size], pad_id) for i in slices]
+    chunks = [ordered[i * batch_size:(i + 1) * batch_size] for i in slices]
+    if pack_width:
+        return [pack(chunk, pad_id, pack_width) for chunk in chunks]
+    return [collate(chunk, pad_id) for chunk in chunks]
 
 
 def collate(examples: list[dict], pad_id: int) -> dict:
@@ -485,3 +490,40 @@ def collate(examples: list[dict], pad_id: int) -> dict:
         labels[row, :n] = torch.tensor(example["labels"])
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def pack(examples: list[dict], pad_id: int, width: int) -> dict:
+    """Several examples per row, laid end to end in rows of at most `width` tokens (first fit, longest first).
+
+    Exact, not an approximation: position ids restart at 0 for each example, and with them (and no attention
+    mask) transformers builds a block-diagonal causal mask, so no token attends across examples. Each
+    example's first label is dropped, since in a row it would be predicted from the previous example's last
+    token; unpacked, position 0 is never predicted either. The tail of a row is padding that forms its own
+    block and carries no label. No `attention_mask` key: that is what tells the model the rows are packed."""
+    import torch
+
+    rows: list[list[dict]] = []
+    free: list[int] = []
+    for example in sorted(examples, key=lambda e: -len(e["input_ids"])):
+        n = len(example["input_ids"])
+        fits = next((r for r, room in enumerate(free) if room >= n), None)
+        if fits is None:
+            fits = len(rows)
+            rows.append([])
+            free.append(max(width, n))
+        rows[fits].append(example)
+        free[fits] -= n
+    length = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for example in row:
+            n = len(example["input_ids"])
+            input_ids[r, at:at + n] = torch.tensor(example["input_ids"])
+            labels[r, at + 1:at + n] = torch.tensor(example["labels"][1:])
+            position_ids[r, at:at + n] = torch.arange(n)
+            at += n
+        position_ids[r, at:] = torch.arange(length - at)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

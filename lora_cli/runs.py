@@ -14,6 +14,8 @@ from lora_cli.models import Checkpoint, load_model, load_tokenizer, resolve_chec
 from lora_cli.report import console
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# After training, "the split" is the one to measure: `lora eval run=... dataset.split=test`.
+KEY_ALIASES = {"dataset.split": "dataset.eval_split"}
 
 
 @dataclass
@@ -68,7 +70,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     groups = ov.group_options(configs, shipped_dir("recipes"))
     groups.pop("recipe")
     for override in ov.parse(overrides):
-        key = override.key_or_group
+        key = KEY_ALIASES.get(override.key_or_group, override.key_or_group)
         try:
             if key in groups:
                 value = override.get_value_element_as_str()

@@ -55,15 +55,18 @@ def token_loss_sum(model, head, batch: dict):
 
     labels = batch["labels"][:, 1:]
     labelled = labels != IGNORE_INDEX
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}  # see data.pack
     if head is None:
         keep = labelled.any(0).nonzero().squeeze(1)
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep)
+        outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
         logits = outputs.logits[labelled[:, keep]]
     else:
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long))
+        outputs = model(**inputs, use_cache=False, output_hidden_states=True,
+                        logits_to_keep=torch.empty(0, dtype=torch.long))
         logits = head(outputs.hidden_states[-1][:, :-1][labelled])
-    return F.cross_entropy(logits.float(), labels[labelled], reduction="sum")
+    # At least fp32 for the softmax (bf16/fp16 logits are upcast; fp64 ones, as in the exactness tests, stay).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels[labelled], reduction="sum")
 
 
 def count_label_tokens(batch: dict) -> int:
@@ -322,7 +325,8 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
             t0 = time.perf_counter()
             step_examples = take(train_split.examples, cfg.trainer.seed, state.consumed, step_size,
                                  cfg.trainer.group_by_length)
-            batches = micro_batches(step_examples, cfg.trainer.batch_size, rank, world, tokenizer.pad_token_id)
+            batches = micro_batches(step_examples, cfg.trainer.batch_size, rank, world, tokenizer.pad_token_id,
+                                    cfg.dataset.max_seq_len if cfg.trainer.packing else None)
             step_tokens = sum(predicted_labels(e) for e in step_examples)
             loss_total, padded = accumulate_gradients(accelerator, model, head, batches, step_tokens)
             train_loss = loss_total / step_tokens

@@ -43,11 +43,12 @@ def test_eval_reports_base_and_adapter_side_by_side(tiny_run):
 
 
 @pytest.mark.skipif(not BANKING77.is_dir(), reason="needs ../shared/data/banking77")
-def test_eval_on_another_dataset_split(tiny_run, tmp_path):
+@pytest.mark.parametrize("key", ["dataset.eval_split", "dataset.split"])  # the second: an alias for eval
+def test_eval_on_another_dataset_split(tiny_run, tmp_path, key):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run[0], run_dir)
     proc = lora("eval", f"run={run_dir}", "dataset=banking77", f"dataset.path={BANKING77}",
-                "dataset.eval_split=test", *EVAL_FAST)
+                f"{key}=test", *EVAL_FAST)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["dataset"] == "banking77" and report["split"] == "test" and report["examples"] == 12
