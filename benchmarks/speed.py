@@ -35,7 +35,7 @@ weights cost 2 forward + 2 input-gradient FLOPs per token (no weight gradient), 
 weight gradient), attention QK^T and AV 4*d_attn forward per pair and twice that backward, the frozen output head
 2 + 2 per weight on labelled positions only. Padding is work done, not work needed: it is never counted.
 
-Writes benchmarks/results/<date>-<machine>.json and a bar chart <date>-<machine>.png beside it.
+Writes benchmarks/results/<date>-<machine>[-<tag>].json and a bar chart (.png) beside it.
 Needs TRL, a benchmark-only extra: `pip install -e '.[bench]'`.
 """
 
@@ -396,7 +396,7 @@ def benchmark(options) -> None:
     import torch
 
     total = options.warmup + options.steps
-    args = lora_args(options.model, total, options.eval_examples)
+    args = lora_args(options.model, total, options.eval_examples) + options.lora_arg
     peaks = [matmul_peak()]
     with tempfile.TemporaryDirectory(prefix="lora-speed-") as tmp:
         work = Path(options.keep) if options.keep else Path(tmp)
@@ -445,13 +445,13 @@ def benchmark(options) -> None:
     print("\n".join(f"check: {line}" for line in checks))
 
     options.out.mkdir(parents=True, exist_ok=True)
-    stem = options.out / f"{date.today().isoformat()}-{machine}"
+    stem = options.out / "-".join([date.today().isoformat(), machine, *([options.tag] if options.tag else [])])
     result = {
         "benchmark": "speed", "date": date.today().isoformat(), "machine": machine, "node": platform.node(),
         "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
         "torch_threads": threads, "versions": versions(), "model": options.model,
         "steps": options.steps, "warmup": options.warmup, "eval_examples": evaluation["eval"]["examples"],
-        "trl_group_by_length": options.trl_group_by_length,
+        "trl_group_by_length": options.trl_group_by_length, "extra_overrides": options.lora_arg,
         "lora_command": "lora train " + " ".join(args),
         "trl": {k: trl[k] for k in ("sft_config", "lora_config", "effective")},
         "trl_doc": TRL_DOC, "flops_formula": FLOPS_DOC, "flops_constants": constants,
@@ -475,6 +475,11 @@ def main() -> None:
                         help="evaluate on this many held-out examples (default: all, as `lora train` does)")
     parser.add_argument("--trl-group-by-length", action="store_true",
                         help="ablation: TRL with train_sampling_strategy=group_by_length (its default: random)")
+    parser.add_argument("--lora-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="ablation: one more `lora train` override (repeatable); TRL reads the same config, "
+                             "so shared keys (adapter.*, trainer.lr) change both, loop-only ones "
+                             "(trainer.group_by_length) only lora-cli")
+    parser.add_argument("--tag", default=None, help="appended to the result file names (ablations)")
     parser.add_argument("--machine", default=f"{platform.node()}-{os.cpu_count()}cpu", help="name in the file names")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--keep", type=Path, default=None, help="keep run dirs, adapters and logs in this folder")

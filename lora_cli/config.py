@@ -248,6 +248,7 @@ class TrainerConfig:
     # Pack each micro-batch's examples end to end into rows of dataset.max_seq_len tokens, attention kept
     # within each example (exact): no padding at all, but attention spans whole rows (see data.pack).
     packing: bool = False
+    keep_freed_memory: bool = True  # glibc keeps freed activation memory for the next step: fewer page faults
     save_every: int | None = None  # checkpoint every N steps (and on Ctrl-C / SIGTERM); null = only on signals
     keep_checkpoints: int = 2  # the newest N checkpoints are kept
     on_nonfinite: str = "stop"  # stop: fail naming the step (checkpoints kept); skip: drop that step's update

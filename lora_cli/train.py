@@ -40,6 +40,26 @@ def mixed_precision(precision: str) -> str:
     return "no"
 
 
+def keep_freed_memory() -> bool:
+    """Have glibc keep the memory a step frees for the next step, instead of handing it back to the OS.
+
+    A CPU step frees and reallocates the same activation buffers (megabytes each) every time. By default glibc
+    trims them back to the OS and the next step page-faults fresh zeroed pages in: ~1.5M page faults in 25 steps
+    of the 135M model. Raising the trim and mmap thresholds (mallopt, as MALLOC_TRIM_THRESHOLD_ etc. would at
+    start-up) cut them by a third and made steps ~10% faster here. Peak memory is unchanged: what is kept is
+    what the step needs anyway. False, doing nothing, where the C library has no mallopt (macOS, musl)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    trim_threshold, top_pad, mmap_threshold = -1, -2, -3  # M_* parameter numbers of <malloc.h>
+    settings = ((trim_threshold, 2**31 - 1), (top_pad, 2**30), (mmap_threshold, 32 * 2**20))  # 32 MiB: its max
+    return all(mallopt(param, value) == 1 for param, value in settings)
+
+
 def token_loss_sum(model, head, batch: dict):
     """Summed next-token cross-entropy over the labelled positions of a batch.
 
@@ -258,6 +278,8 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     from lora_cli.artifacts import config_yaml
 
     started = time.perf_counter()
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     # cpu=True on a CPU-only machine: under a launcher, that is what makes accelerate use gloo for N processes.
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.trainer.precision),
                               cpu=not torch.cuda.is_available())

@@ -30,7 +30,7 @@ def test_top_level_help_does_not_import_heavy_libraries():
 def test_train_help_lists_groups_and_options():
     proc = lora("train", "--help")
     assert proc.returncode == 0
-    for line in ("adapter: lora", "model: hf, smollm2_135m, tiny_llama", "recipe: banking_support",
+    for line in ("adapter: lora", "model: hf, smollm2_135m, tiny_llama", "recipe: banking77, banking_support",
                  "dataset: banking77, banking_support, csv, jsonl", "trainer: default"):
         assert line in proc.stdout
 

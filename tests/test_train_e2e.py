@@ -102,3 +102,12 @@ def test_hf_source_loads_a_local_folder(tmp_path, tiny_checkpoint):
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(tiny_checkpoint.path)
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_glibc_accepts_the_allocator_settings():
+    """trainer.keep_freed_memory's mallopt calls are all accepted (glibc refuses, returning 0, a threshold
+    above its maximum), so the setting is in force, not silently ignored."""
+    from lora_cli.train import keep_freed_memory
+
+    assert keep_freed_memory()
