@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
 
 import pytest
 import torch
@@ -104,7 +105,7 @@ def test_hf_source_loads_a_local_folder(tmp_path, tiny_checkpoint):
     assert config["base_model_name_or_path"] == str(tiny_checkpoint.path)
 
 
-@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_glibc_accepts_the_allocator_settings():
     """trainer.keep_freed_memory's mallopt calls are all accepted (glibc refuses, returning 0, a threshold
     above its maximum), so the setting is in force, not silently ignored."""
