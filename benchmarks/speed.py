@@ -11,18 +11,20 @@ fp32 on the CPU (CUDA hidden).
 Each contender runs in its own process, one after the other:
 
 - lora-cli: the `lora train` CLI as users run it (lora_args below, its defaults otherwise, e.g. length-grouped
-  steps); per-step seconds, non-pad tokens and label tokens come from RUN_DIR/metrics.jsonl, peak RSS from
-  RUN_DIR/run.json; padded tokens from metrics.jsonl where the loop logs them, else from the same batches
-  reproduced with lora_cli.data.take/micro_batches (checked against the logged token counts).
+  steps), twice: with its defaults, and with `trainer.compile=true` (its opt-in for long runs: compiling takes
+  a minute before the first step, reported apart, not in the step times); per-step seconds, non-pad tokens and
+  label tokens come from RUN_DIR/metrics.jsonl, peak RSS from RUN_DIR/run.json; padded tokens from
+  metrics.jsonl where the loop logs them, else from the same batches reproduced with
+  lora_cli.data.take/micro_batches (checked against the logged token counts).
 - TRL: SFTTrainer with a peft LoraConfig, configured as TRL's docs recommend for this data (TRL_DOC below); steps
   timed by a TrainerCallback (end of step to end of step: data, forward, backward, optimizer, its per-step log),
   batches recorded by a thin wrapper around its own data collator, peak RSS by getrusage in its process.
 
 The first `--warmup` steps of each are not timed. Then one more process loads the base model once per adapter and
-computes both eval losses with lora_cli.train.evaluate_loss on the same held-out batches (token-weighted
+computes every eval loss with lora_cli.train.evaluate_loss on the same held-out batches (token-weighted
 cross-entropy over reply tokens), so speed cannot be bought by learning less.
 
-Printed per contender (and the lora-cli / TRL ratios): useful tokens/s (non-pad: prompt and reply), trained
+Printed per contender (and each lora-cli / TRL ratio): useful tokens/s (non-pad: prompt and reply), trained
 tokens/s (tokens that carry a label), padded tokens/s (batch x padded length: what the model processed), seconds per
 step, peak RSS, eval loss after the run, and MFU = the FLOPs the work needs per second / the fp32 matmul peak of this
 machine, timed in this run (best of several 2048x2048 GEMMs, before and after the contenders). FLOPS_DOC below is
@@ -82,6 +84,10 @@ TRL_DOC = (
     "save_strategy=no, report_to=none, no progress bar; logging_steps=1 (its per-step loss and token count, to "
     "check the timing)."
 )
+
+
+# lora-cli as users run it, and with its opt-in compilation (a minute of compiling, then faster steps).
+LORA_CONTENDERS = {"lora-cli": [], "lora-cli +compile": ["trainer.compile=true"]}
 
 
 def lora_args(model: str, total_steps: int, eval_examples: int | None) -> list[str]:
@@ -202,7 +208,7 @@ def trl_worker(spec: dict) -> None:
 
 
 def eval_worker(spec: dict) -> None:
-    """Both adapters on the same eval batches, with lora-cli's loss; plus lora-cli's training batches reproduced
+    """Every adapter on the same eval batches, with lora-cli's loss; plus lora-cli's training batches reproduced
     (padded tokens, attention pairs) and the model's FLOP constants."""
     import torch
     from peft import PeftModel
@@ -278,25 +284,27 @@ def run_logged(name: str, command: list[str], log: Path) -> None:
         sys.exit(f"{name} failed (exit {code}); the end of its output:\n{tail}")
 
 
-def worker(kind: str, spec: dict, work: Path) -> dict:
-    path = work / f"{kind}-spec.json"
+def worker(kind: str, spec: dict, work: Path, label: str | None = None) -> dict:
+    label = label or kind
+    path = work / f"{label}-spec.json"
     path.write_text(json.dumps(spec))
-    run_logged(kind, [sys.executable, str(Path(__file__).resolve()), "--worker", kind, str(path)],
-               work / f"{kind}.log")
+    run_logged(label, [sys.executable, str(Path(__file__).resolve()), "--worker", kind, str(path)],
+               work / f"{label}.log")
     return json.loads(Path(spec["out"], "result.json" if kind == "trl" else "eval.json").read_text())
 
 
-def lora_contender(args: list[str], work: Path) -> dict:
-    run_dir = work / "lora"
-    run_logged("lora train", [str(Path(sys.executable).with_name("lora")), "train", *args,
-                              f"hydra.run.dir={run_dir}"], work / "lora.log")
+def lora_contender(args: list[str], work: Path, name: str) -> dict:
+    run_dir = work / name
+    run_logged(f"lora train ({name})", [str(Path(sys.executable).with_name("lora")), "train", *args,
+                                        f"hydra.run.dir={run_dir}"], work / f"{name}.log")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     run = json.loads((run_dir / "run.json").read_text())["result"]
     steps = [{"step": r["step"], "seconds": r["tokens"] / r["tokens_per_s"], "tokens": r["tokens"],
               "trained_tokens": r["trained_tokens"], "logged_padded_tokens": r.get("padded_tokens"),
               "loss": r["loss"]} for r in records if "loss" in r]
     return {"steps": steps, "peak_rss": run["peak_memory"]["RSS"], "own_eval_loss": run["eval_loss_after"],
-            "own_eval_loss_before": run["eval_loss_before"], "adapter": str(run_dir / "adapter")}
+            "own_eval_loss_before": run["eval_loss_before"], "adapter": str(run_dir / "adapter"),
+            "compile_s": run.get("compile_s")}
 
 
 def step_flops(step: dict, c: dict) -> float:
@@ -325,11 +333,13 @@ COLUMNS = [("useful tok/s", "useful_tokens_per_s", "{:.1f}"), ("trained tok/s", 
            ("GFLOP/s", "gflops_per_s", "{:.1f}"), ("MFU", "mfu", "{:.1%}")]
 
 
-def print_table(rows: dict[str, dict], ratios: dict) -> None:
-    print(f"{'':16}" + "".join(f"{title:>15}" for title, _, _ in COLUMNS))
+def print_table(rows: dict[str, dict], ratios: dict[str, dict]) -> None:
+    width = max(len(f"{name} / TRL") for name in [*rows, *ratios]) + 2
+    print(f"{'':{width}}" + "".join(f"{title:>15}" for title, _, _ in COLUMNS))
     for name, row in rows.items():
-        print(f"{name:16}" + "".join(f"{fmt.format(row[key]):>15}" for _, key, fmt in COLUMNS))
-    print(f"{'lora-cli / TRL':16}" + "".join(f"{ratios[key]:>14.2f}x" for _, key, _ in COLUMNS))
+        print(f"{name:{width}}" + "".join(f"{fmt.format(row[key]):>15}" for _, key, fmt in COLUMNS))
+    for name, ratio in ratios.items():
+        print(f"{name + ' / TRL':{width}}" + "".join(f"{ratio[key]:>14.2f}x" for _, key, _ in COLUMNS))
 
 
 def plot(rows: dict[str, dict], title: str, path: Path) -> None:
@@ -338,7 +348,7 @@ def plot(rows: dict[str, dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, colors = list(rows), ["tab:blue", "tab:orange"]
+    names, colors = list(rows), ["tab:blue", "tab:cyan", "tab:orange"][-len(rows):]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, key, label in ((axes[0], "useful_tokens_per_s", "useful (non-pad) tokens / s"),
                            (axes[1], "peak_rss_gib", "peak RSS (GiB)")):
@@ -353,7 +363,7 @@ def plot(rows: dict[str, dict], title: str, path: Path) -> None:
     plt.close(fig)
 
 
-def consistency(lora: dict, trl: dict, evaluation: dict) -> list[str]:
+def consistency(name: str, lora: dict, trl: dict, evaluation: dict) -> list[str]:
     """What must hold for the comparison to mean anything; each line says whether it does."""
     lines = []
     keys = ["tokens", "trained_tokens"]
@@ -361,7 +371,7 @@ def consistency(lora: dict, trl: dict, evaluation: dict) -> list[str]:
         keys.append("padded_tokens")
     mismatched = [s["step"] for s, r in zip(lora["steps"], evaluation["lora_steps"], strict=True)
                   if any(s.get(f"logged_{k}", s.get(k)) != r[k] for k in keys)]
-    lines.append("lora-cli batches reproduced with take/micro_batches: "
+    lines.append(f"{name} batches reproduced with take/micro_batches: "
                  + (f"MISMATCH with metrics.jsonl at steps {mismatched}; padded tokens and attention pairs are "
                     "then wrong for lora-cli" if mismatched
                     else f"{', '.join(keys)} match metrics.jsonl at every step"))
@@ -381,8 +391,8 @@ def consistency(lora: dict, trl: dict, evaluation: dict) -> list[str]:
                  + ("" if len(set(weights.values())) == 1 else "  (DIFFERENT adapters)"))
     own = lora["own_eval_loss"]
     lines.append(f"eval: {evaluation['eval']['examples']} held-out examples, {evaluation['eval']['label_tokens']} "
-                 f"reply tokens; base model {lora['own_eval_loss_before']:.4f}; lora-cli's own end-of-run eval loss "
-                 f"{own:.4f} vs the common evaluation {evaluation['eval_loss']['lora-cli']:.4f}")
+                 f"reply tokens; base model {lora['own_eval_loss_before']:.4f}; {name}'s own end-of-run eval loss "
+                 f"{own:.4f} vs the common evaluation {evaluation['eval_loss'][name]:.4f}")
     return lines
 
 
@@ -392,39 +402,70 @@ def versions() -> dict:
     return {name: version(name) for name in ("torch", "transformers", "peft", "accelerate", "trl", "lora-cli")}
 
 
+def other_seeds(options, args: list[str], work: Path) -> dict[str, str]:
+    """Eval loss only: lora-cli (defaults) and TRL trained again at each seed after the first, untimed. At 33
+    steps the sample of examples a run sees moves its eval loss by a few percent, so one seed says little."""
+    adapters = {}
+    for seed in options.seeds[1:]:
+        seeded = [*args, f"trainer.seed={seed}"]
+        print(f"seed {seed}: lora-cli and TRL, untimed", flush=True)
+        adapters[f"lora-cli@{seed}"] = lora_contender(seeded, work, f"lora-seed{seed}")["adapter"]
+        worker("trl", {"overrides": seeded, "out": str(work / f"trl-seed{seed}"),
+                       "trl_group_by_length": options.trl_group_by_length}, work, f"trl-seed{seed}")
+        adapters[f"TRL@{seed}"] = str(work / f"trl-seed{seed}" / "adapter")
+    return adapters
+
+
+def seed_spread(seeds: list[int], eval_loss: dict[str, float]) -> dict | None:
+    """Per-seed eval losses of lora-cli (defaults) and TRL, their means and the ratio of the means."""
+    if len(seeds) < 2:
+        return None
+    losses = {name: [eval_loss[name]] + [eval_loss[f"{name}@{seed}"] for seed in seeds[1:]]
+              for name in ("lora-cli", "TRL")}
+    mean = {name: sum(values) / len(values) for name, values in losses.items()}
+    return {"seeds": seeds, "eval_loss": losses, "mean": mean, "ratio": mean["lora-cli"] / mean["TRL"]}
+
+
 def benchmark(options) -> None:
     import torch
 
     total = options.warmup + options.steps
-    args = lora_args(options.model, total, options.eval_examples) + options.lora_arg
+    unseeded = lora_args(options.model, total, options.eval_examples) + options.lora_arg
+    args = [*unseeded, f"trainer.seed={options.seeds[0]}"]
     peaks = [matmul_peak()]
     with tempfile.TemporaryDirectory(prefix="lora-speed-") as tmp:
         work = Path(options.keep) if options.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        print(f"lora train {' '.join(args)}", flush=True)
-        lora = lora_contender(args, work)
+        loras = {}
+        for name, extra in LORA_CONTENDERS.items():
+            print(f"lora train {' '.join(args + extra)}", flush=True)
+            loras[name] = lora_contender(args + extra, work, name.replace(" ", "_").replace("+", ""))
         print(f"TRL SFTTrainer, {total} steps", flush=True)
         trl = worker("trl", {"overrides": args, "out": str(work / "trl"),
                              "trl_group_by_length": options.trl_group_by_length}, work)
-        print("common evaluation of both adapters", flush=True)
-        evaluation = worker("eval", {"overrides": args, "out": str(work), "adapters": {
-            "lora-cli": lora["adapter"], "TRL": str(work / "trl" / "adapter")}}, work)
+        adapters = {name: result["adapter"] for name, result in loras.items()} | {"TRL": str(work / "trl" / "adapter")}
+        adapters |= other_seeds(options, unseeded, work)
+        print("common evaluation of every adapter", flush=True)
+        evaluation = worker("eval", {"overrides": args, "out": str(work), "adapters": adapters}, work)
     peaks.append(matmul_peak())
     peak = max(peaks)
-    if len(lora["steps"]) != total or len(trl["steps"]) != total:
-        sys.exit(f"expected {total} steps, got lora-cli {len(lora['steps'])} and TRL {len(trl['steps'])}")
-    for step, reproduced in zip(lora["steps"], evaluation["lora_steps"], strict=True):
-        step["padded_tokens"] = step["logged_padded_tokens"] or reproduced["padded_tokens"]
-        step["pairs"] = reproduced["pairs"]
+    contenders = loras | {"TRL": trl}
+    if any(len(result["steps"]) != total for result in contenders.values()):
+        sys.exit(f"expected {total} steps, got " + ", ".join(f"{name} {len(r['steps'])}"
+                                                              for name, r in contenders.items()))
+    for lora in loras.values():
+        for step, reproduced in zip(lora["steps"], evaluation["lora_steps"], strict=True):
+            step["padded_tokens"] = step["logged_padded_tokens"] or reproduced["padded_tokens"]
+            step["pairs"] = reproduced["pairs"]
 
     constants = evaluation["flops"]
     rows = {}
-    for name, result in (("lora-cli", lora), ("TRL", trl)):
+    for name, result in contenders.items():
         rows[name] = summarise(result["steps"], options.warmup, constants, peak) | {
             "peak_rss": result["peak_rss"], "peak_rss_gib": result["peak_rss"] / GIB,
             "eval_loss": evaluation["eval_loss"][name]}
         rows[name]["gflops_per_s"] = rows[name]["flops_per_s"] / 1e9
-    ratios = {key: rows["lora-cli"][key] / rows["TRL"][key] for _, key, _ in COLUMNS}
+    ratios = {name: {key: rows[name][key] / rows["TRL"][key] for _, key, _ in COLUMNS} for name in loras}
 
     machine = re.sub(r"[^A-Za-z0-9_.-]+", "_", options.machine)
     threads = torch.get_num_threads()
@@ -441,8 +482,19 @@ def benchmark(options) -> None:
         print(f"{name}: {row['useful_tokens_per_step']:.0f} useful / {row['padded_tokens_per_step']:.0f} padded "
               f"tokens per step, {row['flops_per_step'] / 1e12:.3f} TFLOP per step, "
               f"median {row['s_per_step_median']:.3f} s/step")
-    checks = consistency(lora, trl, evaluation)
-    print("\n".join(f"check: {line}" for line in checks))
+    compiled = {name: r["compile_s"] for name, r in loras.items() if r["compile_s"] is not None}
+    for name, seconds in compiled.items():
+        print(f"{name}: compiling took {seconds:.0f} s before the first step (once per run; not in the step times)")
+    seeds = seed_spread(options.seeds, evaluation["eval_loss"])
+    if seeds:
+        print(f"\neval loss over seeds {', '.join(map(str, options.seeds))} (the first is the timed run; the others "
+              "train the same steps untimed, each contender with trainer.seed=S):")
+        for name, losses in seeds["eval_loss"].items():
+            print(f"  {name}: " + ", ".join(f"{loss:.4f}" for loss in losses)
+                  + f"; mean {seeds['mean'][name]:.4f}")
+        print(f"  lora-cli / TRL, means: {seeds['ratio']:.3f}x")
+    checks = [line for name, lora in loras.items() for line in consistency(name, lora, trl, evaluation)]
+    print("\n".join(f"check: {line}" for line in dict.fromkeys(checks)))
 
     options.out.mkdir(parents=True, exist_ok=True)
     stem = options.out / "-".join([date.today().isoformat(), machine, *([options.tag] if options.tag else [])])
@@ -452,13 +504,14 @@ def benchmark(options) -> None:
         "torch_threads": threads, "versions": versions(), "model": options.model,
         "steps": options.steps, "warmup": options.warmup, "eval_examples": evaluation["eval"]["examples"],
         "trl_group_by_length": options.trl_group_by_length, "extra_overrides": options.lora_arg,
-        "lora_command": "lora train " + " ".join(args),
+        "lora_commands": {name: "lora train " + " ".join(args + extra) for name, extra in LORA_CONTENDERS.items()},
+        "compile_s": compiled,
         "trl": {k: trl[k] for k in ("sft_config", "lora_config", "effective")},
         "trl_doc": TRL_DOC, "flops_formula": FLOPS_DOC, "flops_constants": constants,
         "matmul_peak_flops": peak, "matmul_peaks": peaks,
         "gemm": f"{GEMM_SIZE}x{GEMM_SIZE} fp32, best of {GEMM_REPEATS}",
-        "contenders": rows, "ratios_lora_cli_over_trl": ratios, "checks": checks,
-        "steps_detail": {"lora-cli": lora["steps"], "TRL": trl["steps"]},
+        "contenders": rows, "ratios_over_trl": ratios, "checks": checks, "seeds": seeds,
+        "steps_detail": {name: result["steps"] for name, result in contenders.items()},
     }
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
     plot(rows, title, stem.with_suffix(".png"))
@@ -479,6 +532,9 @@ def main() -> None:
                         help="ablation: one more `lora train` override (repeatable); TRL reads the same config, "
                              "so shared keys (adapter.*, trainer.lr) change both, loop-only ones "
                              "(trainer.group_by_length) only lora-cli")
+    parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[42],
+                        help="comma-separated training seeds; the first is the timed run, the others only retrain "
+                             "lora-cli and TRL (untimed) for the eval-loss mean (each ~9 min on 2 CPUs)")
     parser.add_argument("--tag", default=None, help="appended to the result file names (ablations)")
     parser.add_argument("--machine", default=f"{platform.node()}-{os.cpu_count()}cpu", help="name in the file names")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")

@@ -98,6 +98,8 @@ def check_supported(run: RunConfig, kind: str) -> None:
     if run.adapter.name not in ("lora", "qlora"):
         raise UserError(f"adapter={run.adapter.name} is not supported {under}; use adapter=lora or adapter=qlora, or "
                         "leave trainer.launcher unset (DDP)")
+    if run.trainer.compile:
+        raise UserError(f"trainer.compile=true is not supported {under}; set trainer.compile=false")
     if run.trainer.save_every is not None or run.resume is not None:
         raise UserError(f"checkpoints (trainer.save_every, resume) are not supported {under}: each process holds "
                         "only a shard of the optimizer state; set trainer.save_every=null and drop resume")

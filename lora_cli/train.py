@@ -60,6 +60,52 @@ def keep_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
+def compile_blocks(model, device) -> int:
+    """torch.compile every transformer block (`nn.Module.compile`); returns how many blocks.
+
+    Eager PyTorch runs each elementwise op of a block (RMSNorm, RoPE, SiLU * up, LoRA's scale-and-add, the
+    residual adds) as a separate pass over memory; compiled, they fuse into a few kernels, while the GEMMs
+    stay the same library calls, so the numbers change only by rounding (tests/test_exactness.py). Blocks,
+    not the whole model: one block's graph serves every block, whatever the depth. Dynamic shapes, so that
+    every batch length reuses one graph; the few variants that remain (the first block, whose input needs no
+    gradient; batches without padding, which need no mask; eval, without gradients) are compiled before
+    training by `compile_variants`. transformers' output-capturing hooks (a ContextVar that dynamo does not
+    trace) split each block's graph in two around the attention; that costs little. Nothing is compiled,
+    with a message, where torch.compile does not work (no C++ compiler, no triton)."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    try:  # a tiny graph: fails fast, before training, where the machine cannot compile
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 (any failure means: train eagerly)
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        console.print(f"[yellow]trainer.compile=true: torch.compile does not work here ({reason}); training "
+                      "without it[/]")
+        return 0
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
+def compile_variants(model, head, examples: list[dict], pad_id: int, pack_width: int | None, device) -> None:
+    """Run each variant of the compiled blocks that training and eval will meet once, on real examples, so
+    that they compile now rather than in the middle of some later step: with and without padding, with and
+    without gradients. Leaves no trace: gradients are dropped and the random generators restored."""
+    import torch
+
+    short, long = min(examples, key=lambda e: len(e["input_ids"])), max(examples, key=lambda e: len(e["input_ids"]))
+    batches = [micro_batches(pair, 2, 0, 1, pad_id, pack_width)[0] for pair in ([short, long], [long, long])]
+    was_training = model.training
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model.train()
+        for batch in batches:
+            token_loss_sum(model, head, {k: v.to(device) for k, v in batch.items()}).backward()
+        model.zero_grad(set_to_none=True)
+        evaluate_loss(model, batches, device, head)
+    model.train(was_training)
+
+
 def token_loss_sum(model, head, batch: dict):
     """Summed next-token cross-entropy over the labelled positions of a batch.
 
@@ -303,6 +349,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
                                      accelerator.device, quant_storage=cfg.model.dtype if sharded else None))
     if cfg.trainer.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    compiled = cfg.trainer.compile and compile_blocks(model, accelerator.device)
     trainable, total_params = model.get_nb_trainable_parameters()
     optimizer, scheduler = build_optimizer(variant.param_groups(model, cfg.trainer), cfg.trainer, steps)
     state, records = TrainState(), []
@@ -314,6 +361,16 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     peft_model, torch_optimizer = accelerator.unwrap_model(model), optimizer.optimizer
     head = None if sharded else peft_model.get_output_embeddings()
     evaluation = eval_batches(eval_split, cfg.trainer.eval_batch_size, tokenizer.pad_token_id)
+    compile_seconds = None
+    if compiled:
+        message = "trainer.compile: compiling the transformer blocks (a minute or so on a CPU)"
+        with console.status(message) if is_main else nullcontext():
+            began = time.perf_counter()
+            compile_variants(model, head, train_split.examples, tokenizer.pad_token_id,
+                             cfg.dataset.max_seq_len if cfg.trainer.packing else None, accelerator.device)
+            compile_seconds = time.perf_counter() - began
+        if is_main:
+            console.print(f"trainer.compile: {compiled} transformer blocks compiled in {compile_seconds:.0f} s")
     if is_main:
         print_data_plan(train_split, eval_split, steps, trainable, total_params)
         if resume_from:
@@ -395,7 +452,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
         "trainable_params": trainable, "total_params": total_params,
         "train_loss_first": train_loss[0][1], "train_loss_last": train_loss[-1][1],
         "eval_loss_before": eval_loss[0][1], "eval_loss_after": eval_loss[-1][1],
-        "tokens_per_s": state.tokens / state.train_time,
+        "tokens_per_s": state.tokens / state.train_time, "compile_s": compile_seconds,
         "wall_time_s": time.perf_counter() - started, "peak_memory": artifacts.peak_memory(),
         "train_examples": len(train_split.examples), "eval_examples": len(eval_split.examples),
         "truncated": train_split.truncated + eval_split.truncated,

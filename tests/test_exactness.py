@@ -118,6 +118,58 @@ def test_a_packed_run_trains_like_a_padded_one(tmp_path):
     assert losses["true"][-1] < losses["true"][0]
 
 
+def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
+    """Through the CLI: `trainer.compile=true` fuses kernels but computes the same model, so per-step losses,
+    eval losses and the saved adapter match the eager run up to rounding (fp32, tolerance 1e-4). Batches
+    with and without padding, so both compiled attention variants (with and without a mask) are used."""
+    from safetensors.torch import load_file
+
+    common = ["train", "recipe=banking_support", *TINY, "adapter.dropout=0", "trainer.max_steps=4",
+              "trainer.group_by_length=false", "trainer.eval_every=2"]
+    runs = {}
+    for compiled in ("false", "true"):
+        run_dir = tmp_path / compiled
+        proc = lora(*common, f"trainer.compile={compiled}", f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 0, proc.stderr
+        assert ("transformer blocks compiled in" in proc.stderr) == (compiled == "true")
+        records = read_metrics(run_dir)
+        runs[compiled] = {"loss": [r["loss"] for r in records if "loss" in r],
+                          "eval": [r["eval_loss"] for r in records if "eval_loss" in r],
+                          "adapter": load_file(run_dir / "adapter" / "adapter_model.safetensors")}
+    eager, compiled = runs["false"], runs["true"]
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    assert compiled["eval"] == pytest.approx(eager["eval"], rel=1e-4)
+    assert eager["adapter"].keys() == compiled["adapter"].keys()
+    for name, weight in eager["adapter"].items():
+        assert torch.allclose(compiled["adapter"][name], weight, rtol=1e-3, atol=1e-5), name
+    assert compiled["loss"][-1] < compiled["loss"][0]
+
+
+def test_compile_falls_back_to_eager_where_it_cannot_run(monkeypatch):
+    """No C++ compiler (or triton): torch.compile fails on its first graph; the run says so and stays eager."""
+    from lora_cli.report import console
+    from lora_cli.train import compile_blocks
+
+    def broken(*args, **kwargs):
+        def call(*a, **k):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = tiny_model()
+    with console.capture() as captured:
+        assert compile_blocks(model, torch.device("cpu")) == 0
+    assert "torch.compile does not work here (InvalidCxxCompiler" in captured.get()
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)  # nn.Module.compile's slot
+
+
+def test_compile_refuses_the_variants_it_is_not_tested_with():
+    proc = lora("train", *TINY, "adapter=slora", "trainer.compile=true", "trainer.max_steps=1")
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "trainer.compile=true is supported for plain LoRA" in lines[0], proc.stderr
+
+
 def test_no_backward_below_the_lowest_adapted_block(tiny_checkpoint):
     """With `adapter.layers` above block 0, block 0's output carries no autograd graph: backward stops at the
     lowest adapted block instead of running through every block below it."""
