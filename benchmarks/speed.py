@@ -27,7 +27,8 @@ cross-entropy over reply tokens), so speed cannot be bought by learning less.
 Printed per contender (and each lora-cli / TRL ratio): useful tokens/s (non-pad: prompt and reply), trained
 tokens/s (tokens that carry a label), padded tokens/s (batch x padded length: what the model processed), seconds per
 step, peak RSS, eval loss after the run, and MFU = the FLOPs the work needs per second / the fp32 matmul peak of this
-machine, timed in this run (best of several 2048x2048 GEMMs, before and after the contenders). FLOPS_DOC below is
+machine, timed in this run right before and right after each contender (best of several 2048x2048 GEMMs; the
+higher of the two: this host's speed drifts by 20% within half an hour). FLOPS_DOC below is
 the count in full:
 
     FLOPs/step = 4*W_blocks*T + 6*W_lora*T + 12*n_layers*d_attn*P + 4*W_head*Y
@@ -432,23 +433,25 @@ def benchmark(options) -> None:
     total = options.warmup + options.steps
     unseeded = lora_args(options.model, total, options.eval_examples) + options.lora_arg
     args = [*unseeded, f"trainer.seed={options.seeds[0]}"]
-    peaks = [matmul_peak()]
+    peaks = {}  # the GEMM peak right before and right after each timed contender: the host's speed drifts
     with tempfile.TemporaryDirectory(prefix="lora-speed-") as tmp:
         work = Path(options.keep) if options.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         loras = {}
         for name, extra in LORA_CONTENDERS.items():
             print(f"lora train {' '.join(args + extra)}", flush=True)
+            before = matmul_peak()
             loras[name] = lora_contender(args + extra, work, name.replace(" ", "_").replace("+", ""))
+            peaks[name] = [before, matmul_peak()]
         print(f"TRL SFTTrainer, {total} steps", flush=True)
+        before = matmul_peak()
         trl = worker("trl", {"overrides": args, "out": str(work / "trl"),
                              "trl_group_by_length": options.trl_group_by_length}, work)
+        peaks["TRL"] = [before, matmul_peak()]
         adapters = {name: result["adapter"] for name, result in loras.items()} | {"TRL": str(work / "trl" / "adapter")}
         adapters |= other_seeds(options, unseeded, work)
         print("common evaluation of every adapter", flush=True)
         evaluation = worker("eval", {"overrides": args, "out": str(work), "adapters": adapters}, work)
-    peaks.append(matmul_peak())
-    peak = max(peaks)
     contenders = loras | {"TRL": trl}
     if any(len(result["steps"]) != total for result in contenders.values()):
         sys.exit(f"expected {total} steps, got " + ", ".join(f"{name} {len(r['steps'])}"
@@ -461,7 +464,7 @@ def benchmark(options) -> None:
     constants = evaluation["flops"]
     rows = {}
     for name, result in contenders.items():
-        rows[name] = summarise(result["steps"], options.warmup, constants, peak) | {
+        rows[name] = summarise(result["steps"], options.warmup, constants, max(peaks[name])) | {
             "peak_rss": result["peak_rss"], "peak_rss_gib": result["peak_rss"] / GIB,
             "eval_loss": evaluation["eval_loss"][name]}
         rows[name]["gflops_per_s"] = rows[name]["flops_per_s"] / 1e9
@@ -473,8 +476,9 @@ def benchmark(options) -> None:
              f"({threads} threads), {options.steps} timed steps after {options.warmup} warm-up; "
              f"{date.today()} {machine}")
     print(f"\n{title}")
-    print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s ({GEMM_SIZE}x{GEMM_SIZE} GEMM, best of {GEMM_REPEATS}, "
-          f"before and after: {', '.join(f'{p / 1e9:.1f}' for p in peaks)})")
+    print(f"fp32 matmul peak ({GEMM_SIZE}x{GEMM_SIZE} GEMM, best of {GEMM_REPEATS}) right before and after each "
+          "contender, GFLOP/s: " + "; ".join(f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, (a, b) in peaks.items())
+          + " (each contender's MFU is against the higher of its two)")
     print(f"{FLOPS_DOC}\nconstants: " + ", ".join(f"{k}={v:,}" for k, v in constants.items()) + "\n")
     print_table(rows, ratios)
     print()
@@ -508,7 +512,7 @@ def benchmark(options) -> None:
         "compile_s": compiled,
         "trl": {k: trl[k] for k in ("sft_config", "lora_config", "effective")},
         "trl_doc": TRL_DOC, "flops_formula": FLOPS_DOC, "flops_constants": constants,
-        "matmul_peak_flops": peak, "matmul_peaks": peaks,
+        "matmul_peaks_before_after": peaks,
         "gemm": f"{GEMM_SIZE}x{GEMM_SIZE} fp32, best of {GEMM_REPEATS}",
         "contenders": rows, "ratios_over_trl": ratios, "checks": checks, "seeds": seeds,
         "steps_detail": {name: result["steps"] for name, result in contenders.items()},
