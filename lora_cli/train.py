@@ -83,6 +83,9 @@ def compile_blocks(model, device) -> int:
                       "without it[/]")
         return 0
     blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        console.print("[yellow]trainer.compile=true: this model has no transformer blocks that transformers marks "
+                      "as layers (GradientCheckpointingLayer); training without compiling[/]")
     for block in blocks:
         block.compile(dynamic=True)
     return len(blocks)
