@@ -14,6 +14,7 @@ import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 from lora_cli import adapters, artifacts, checkpoint, launched
@@ -346,7 +347,10 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     train_split, eval_split, data_fingerprint = prepare(cfg.dataset, tokenizer)
     step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * world  # examples per optimizer step
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
-    variant = adapters.build(cfg.adapter, cfg.trainer, steps)
+    # Sharded parameters are gathered by hooks on the modules whose forward runs; the fused LoRA layer reads
+    # its sub-layers' weights directly, so it stays with peft's forward there.
+    variant = adapters.build(cfg.adapter, replace(cfg.trainer, fused_lora=cfg.trainer.fused_lora and not sharded),
+                             steps)
     # Sharded 4-bit weights are stored in the model's dtype: FSDP / ZeRO-3 shard float tensors of one dtype.
     model = variant.apply(load_model(base, cfg.model, tokenizer, cfg.adapter.quantize, cfg.adapter.double_quant,
                                      accelerator.device, quant_storage=cfg.model.dtype if sharded else None))

@@ -275,7 +275,7 @@ def test_unit_scales_make_scalora_bit_identical_to_lora(pristine, batch):
     scalora = ScaLora(cfg.adapter, cfg.trainer, steps=6)
     model = build(scalora, pristine)
     _, losses, logs = train(scalora, model, cfg.trainer, batch, steps=6)
-    lora = Lora(cfg.adapter)
+    lora = Lora(cfg.adapter, cfg.trainer)  # the same trainer: the same (fused) LoRA forward
     reference = build(lora, pristine)
     _, reference_losses, _ = train(lora, reference, cfg.trainer, batch, steps=6)
     assert rescaled_modules(logs) > 0 and logs[-1]["scalora_ab_min"] == logs[-1]["scalora_ab_max"] == 1.0

@@ -85,13 +85,23 @@ class Lora:
         """Wrap the frozen base model; only the adapter's parameters stay trainable. A 4-bit base (QLoRA) is
         prepared first: peft casts its norms and embeddings to fp32 for stable training; except when its
         4-bit weights are packed in a float dtype to be sharded (FSDP / ZeRO-3), where every base weight
-        must keep that one dtype."""
+        must keep that one dtype. For training (trainer.fused_lora), the LoRA layers over plain linear
+        weights compute in one autograd function (adapters/fused.py)."""
         from peft import get_peft_model, prepare_model_for_kbit_training
 
         check_targets(model, self.cfg)
-        if getattr(model, "is_loaded_in_4bit", False) and not packed_in_float(model):
+        quantized = getattr(model, "is_loaded_in_4bit", False)
+        if quantized and not packed_in_float(model):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, lora_config(self.cfg, model))
+        config = lora_config(self.cfg, model)
+        if self.trainer is not None and self.trainer.fused_lora and not quantized:
+            import torch
+
+            from lora_cli.adapters.fused import FusedLoraLinear
+
+            # peft's documented hook for custom LoRA layers (not saved in adapter_config.json)
+            config._register_custom_module({torch.nn.Linear: FusedLoraLinear})
+        return get_peft_model(model, config)
 
     def param_groups(self, model, trainer: TrainerConfig) -> list[dict]:
         return [{"params": [p for p in model.parameters() if p.requires_grad]}]

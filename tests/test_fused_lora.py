@@ -1,0 +1,130 @@
+"""The fused LoRA layer (adapters/fused.py) computes exactly what peft's LoRA layer computes.
+
+The function against the formula in fp64; the layer inside a model against peft's own forward (loss and every
+gradient); through the CLI, a run with `trainer.fused_lora=true` against one with false; and the cases it must
+leave to peft (DoRA, S-LoRA's scale in the graph, a merged adapter) still give peft's numbers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY, lora, read_metrics
+from test_exactness import LENGTHS, examples, loss_and_grads, tiny_model
+
+from lora_cli.adapters.fused import FusedLoraLinear, LoraLinearFunction
+from lora_cli.config import AdapterConfig, TrainerConfig, compose
+from lora_cli.data import micro_batches
+from lora_cli.models import load_model, resolve_checkpoint
+
+
+def reference(x, x_dropped, weight, bias, lora_A, lora_B, scaling):
+    """LoRA as its paper writes it, by plain autograd."""
+    out = x @ weight.t() + scaling * (x_dropped @ lora_A.t()) @ lora_B.t()
+    return out if bias is None else out + bias
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_function_equals_the_formula_and_its_gradients(bias, dropout):
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, grad=False):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_(grad)
+
+    x, weight, lora_A, lora_B = rand(3, 7, 12, grad=True), rand(10, 12), rand(4, 12, grad=True), rand(10, 4, grad=True)
+    b = rand(10) if bias else None
+    mask = (torch.rand(3, 7, 12, generator=generator, dtype=torch.float64) > 0.3) / 0.7
+    grad_out = rand(3, 7, 10)
+    outputs = (LoraLinearFunction.apply(x, x * mask if dropout else None, weight, b, lora_A, lora_B, 0.37),
+               reference(x, x * mask if dropout else x, weight, b, lora_A, lora_B, 0.37))
+    results = [(out.detach(), *torch.autograd.grad(out, (x, lora_A, lora_B), grad_out)) for out in outputs]
+    for fused, expected in zip(*results, strict=True):
+        assert torch.allclose(fused, expected, rtol=1e-12, atol=1e-12)
+
+
+def adapted(fused: bool, dtype=torch.float64, **adapter):
+    from lora_cli.adapters.lora import Lora
+
+    config = AdapterConfig(name="lora", r=4, alpha=8, **adapter)
+    model = Lora(config, TrainerConfig(fused_lora=fused)).apply(tiny_model(dtype))
+    torch.manual_seed(1)
+    with torch.no_grad():  # B starts at zero: give it values, or its path would carry no signal
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "lora_magnitude" in name:
+                param.normal_(0, 0.5)
+    return model
+
+
+def batches():
+    return micro_batches(examples(LENGTHS), 4, 0, 1, 0, None)
+
+
+@pytest.mark.parametrize("adapter", [{}, {"use_dora": True}, {"use_rslora": True}])
+def test_layer_in_a_model_equals_peft(adapter):
+    """The whole model's loss and every adapter gradient, fused vs peft's forward; DoRA falls back to peft."""
+    results = {}
+    for fused in (False, True):
+        model = adapted(fused, **adapter)
+        layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+        assert bool(layers) == fused and all(type(m.base_layer) is torch.nn.Linear for m in layers)
+        results[fused] = loss_and_grads(model, model.get_output_embeddings(), batches())
+    assert torch.allclose(results[True][0], results[False][0], rtol=1e-12)
+    assert torch.allclose(results[True][1], results[False][1], rtol=1e-10, atol=1e-12)
+
+
+def test_the_fused_path_is_taken_only_where_it_is_exact(monkeypatch):
+    calls = []
+    original = LoraLinearFunction.apply
+    monkeypatch.setattr(LoraLinearFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    model = adapted(True)
+    batch = batches()[0]
+    model(input_ids=batch["input_ids"])
+    assert len(calls) == 14  # 2 blocks x 7 linear layers
+    calls.clear()
+    with model.disable_adapter():
+        model(input_ids=batch["input_ids"])
+    assert not calls
+    layer = next(m for m in model.modules() if isinstance(m, FusedLoraLinear))
+    layer.scaling["default"] = torch.tensor(2.0, dtype=torch.float64)  # as S-LoRA sets it: a tensor in the graph
+    model(input_ids=batch["input_ids"])
+    assert len(calls) == 13
+
+
+def test_merged_adapter_equals_the_fused_forward():
+    """`lora merge` folds B A into W; the merged model's logits equal the fused adapter's."""
+    model = adapted(True)
+    input_ids = batches()[0]["input_ids"]
+    with torch.no_grad():
+        adapter_logits = model(input_ids=input_ids).logits
+        merged_logits = model.merge_and_unload()(input_ids=input_ids).logits
+    assert torch.allclose(merged_logits, adapter_logits, rtol=1e-10, atol=1e-10)
+
+
+def test_a_fused_run_trains_like_peft_through_the_cli(tmp_path):
+    """Same per-step losses, eval losses and saved adapter with `trainer.fused_lora` on and off (dropout on:
+    it draws the same masks either way); the saved adapter is stock peft's, whichever forward trained it."""
+    from peft import PeftModel  # stock peft, with no custom layer registered, loads what the fused run saved
+    from safetensors.torch import load_file
+
+    common = ["train", "recipe=banking_support", *TINY, "adapter.dropout=0.1", "trainer.max_steps=4",
+              "trainer.eval_every=2"]
+    runs = {}
+    for fused in ("false", "true"):
+        run_dir = tmp_path / fused
+        proc = lora(*common, f"trainer.fused_lora={fused}", f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 0, proc.stderr
+        records = read_metrics(run_dir)
+        runs[fused] = {"loss": [r["loss"] for r in records if "loss" in r],
+                       "eval": [r["eval_loss"] for r in records if "eval_loss" in r],
+                       "adapter": load_file(run_dir / "adapter" / "adapter_model.safetensors")}
+    peft_run, fused_run = runs["false"], runs["true"]
+    assert fused_run["loss"] == pytest.approx(peft_run["loss"], rel=1e-5)
+    assert fused_run["eval"] == pytest.approx(peft_run["eval"], rel=1e-5)
+    assert fused_run["adapter"].keys() == peft_run["adapter"].keys()
+    for name, weight in peft_run["adapter"].items():
+        assert torch.allclose(fused_run["adapter"][name], weight, rtol=1e-4, atol=1e-6), name
+    assert fused_run["loss"][-1] < fused_run["loss"][0]
+    cfg = compose(["recipe=banking_support", *TINY])
+    base = load_model(resolve_checkpoint(cfg.model), cfg.model)
+    loaded = PeftModel.from_pretrained(base, tmp_path / "true" / "adapter")
+    assert not any(isinstance(m, FusedLoraLinear) for m in loaded.modules())
