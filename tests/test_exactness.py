@@ -127,32 +127,44 @@ def torch_compile_works() -> bool:
         return False
 
 
+def train_both_ways(tmp_path, common: list[str], key: str) -> dict[str, dict]:
+    """`lora train COMMON KEY=false` and `KEY=true`: each run's per-step losses, eval losses and saved adapter."""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for value in ("false", "true"):
+        run_dir = tmp_path / value
+        proc = lora(*common, f"{key}={value}", f"hydra.run.dir={run_dir}")
+        assert proc.returncode == 0, proc.stderr
+        records = read_metrics(run_dir)
+        runs[value] = {"loss": [r["loss"] for r in records if "loss" in r],
+                       "eval": [r["eval_loss"] for r in records if "eval_loss" in r],
+                       "adapter": load_file(run_dir / "adapter" / "adapter_model.safetensors"),
+                       "stderr": proc.stderr}
+    return runs
+
+
+def assert_same_training(run: dict, reference: dict, rel: float, adapter_rtol: float, adapter_atol: float) -> None:
+    """Same losses and eval losses (relative tolerance), the same adapter tensors, and a loss that went down."""
+    assert run["loss"] == pytest.approx(reference["loss"], rel=rel)
+    assert run["eval"] == pytest.approx(reference["eval"], rel=rel)
+    assert run["adapter"].keys() == reference["adapter"].keys()
+    for name, weight in reference["adapter"].items():
+        assert torch.allclose(run["adapter"][name], weight, rtol=adapter_rtol, atol=adapter_atol), name
+    assert run["loss"][-1] < run["loss"][0]
+
+
 @pytest.mark.skipif(not torch_compile_works(), reason="torch.compile cannot build kernels here (no C++ compiler)")
 def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     """Through the CLI: `trainer.compile=true` fuses kernels but computes the same model, so per-step losses,
     eval losses and the saved adapter match the eager run up to rounding (fp32, tolerance 1e-4). Batches
     with and without padding, so both compiled attention variants (with and without a mask) are used."""
-    from safetensors.torch import load_file
-
     common = ["train", "recipe=banking_support", *TINY, "adapter.dropout=0", "trainer.max_steps=4",
               "trainer.group_by_length=false", "trainer.eval_every=2"]
-    runs = {}
-    for compiled in ("false", "true"):
-        run_dir = tmp_path / compiled
-        proc = lora(*common, f"trainer.compile={compiled}", f"hydra.run.dir={run_dir}")
-        assert proc.returncode == 0, proc.stderr
-        assert ("transformer blocks compiled in" in proc.stderr) == (compiled == "true")
-        records = read_metrics(run_dir)
-        runs[compiled] = {"loss": [r["loss"] for r in records if "loss" in r],
-                          "eval": [r["eval_loss"] for r in records if "eval_loss" in r],
-                          "adapter": load_file(run_dir / "adapter" / "adapter_model.safetensors")}
-    eager, compiled = runs["false"], runs["true"]
-    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
-    assert compiled["eval"] == pytest.approx(eager["eval"], rel=1e-4)
-    assert eager["adapter"].keys() == compiled["adapter"].keys()
-    for name, weight in eager["adapter"].items():
-        assert torch.allclose(compiled["adapter"][name], weight, rtol=1e-3, atol=1e-5), name
-    assert compiled["loss"][-1] < compiled["loss"][0]
+    runs = train_both_ways(tmp_path, common, "trainer.compile")
+    for compiled, run in runs.items():
+        assert ("transformer blocks compiled in" in run["stderr"]) == (compiled == "true")
+    assert_same_training(runs["true"], runs["false"], rel=1e-4, adapter_rtol=1e-3, adapter_atol=1e-5)
 
 
 def test_compile_falls_back_to_eager_where_it_cannot_run(monkeypatch):

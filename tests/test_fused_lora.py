@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY, lora, read_metrics
-from test_exactness import LENGTHS, examples, loss_and_grads, tiny_model
+from conftest import TINY
+from test_exactness import LENGTHS, assert_same_training, examples, loss_and_grads, tiny_model, train_both_ways
 
 from lora_cli.adapters.fused import FusedLoraLinear, LoraLinearFunction
 from lora_cli.config import AdapterConfig, TrainerConfig, compose
@@ -104,26 +104,11 @@ def test_a_fused_run_trains_like_peft_through_the_cli(tmp_path):
     """Same per-step losses, eval losses and saved adapter with `trainer.fused_lora` on and off (dropout on:
     it draws the same masks either way); the saved adapter is stock peft's, whichever forward trained it."""
     from peft import PeftModel  # stock peft, with no custom layer registered, loads what the fused run saved
-    from safetensors.torch import load_file
 
     common = ["train", "recipe=banking_support", *TINY, "adapter.dropout=0.1", "trainer.max_steps=4",
               "trainer.eval_every=2"]
-    runs = {}
-    for fused in ("false", "true"):
-        run_dir = tmp_path / fused
-        proc = lora(*common, f"trainer.fused_lora={fused}", f"hydra.run.dir={run_dir}")
-        assert proc.returncode == 0, proc.stderr
-        records = read_metrics(run_dir)
-        runs[fused] = {"loss": [r["loss"] for r in records if "loss" in r],
-                       "eval": [r["eval_loss"] for r in records if "eval_loss" in r],
-                       "adapter": load_file(run_dir / "adapter" / "adapter_model.safetensors")}
-    peft_run, fused_run = runs["false"], runs["true"]
-    assert fused_run["loss"] == pytest.approx(peft_run["loss"], rel=1e-5)
-    assert fused_run["eval"] == pytest.approx(peft_run["eval"], rel=1e-5)
-    assert fused_run["adapter"].keys() == peft_run["adapter"].keys()
-    for name, weight in peft_run["adapter"].items():
-        assert torch.allclose(fused_run["adapter"][name], weight, rtol=1e-4, atol=1e-6), name
-    assert fused_run["loss"][-1] < fused_run["loss"][0]
+    runs = train_both_ways(tmp_path, common, "trainer.fused_lora")
+    assert_same_training(runs["true"], runs["false"], rel=1e-5, adapter_rtol=1e-4, adapter_atol=1e-6)
     cfg = compose(["recipe=banking_support", *TINY])
     base = load_model(resolve_checkpoint(cfg.model), cfg.model)
     loaded = PeftModel.from_pretrained(base, tmp_path / "true" / "adapter")
