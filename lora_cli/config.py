@@ -249,8 +249,8 @@ class TrainerConfig:
     # within each example (exact): no padding at all, but attention spans whole rows (see data.pack).
     packing: bool = False
     keep_freed_memory: bool = True  # glibc keeps freed activation memory for the next step: fewer page faults
-    # torch.compile every transformer block (fused elementwise kernels): faster steps once compiled, after ~30 s
-    # of compiling on a 2-core CPU, so it pays off on long runs only. Plain LoRA only.
+    # torch.compile every transformer block (fused elementwise kernels): slightly faster steps once compiled,
+    # after 30-60 s of compiling on a 2-core CPU, so it pays off on long runs only. Plain LoRA only.
     compile: bool = False
     # LoRA layers compute W x + s B A x in one autograd function, scale and adds inside the GEMMs (exact, see
     # adapters/fused.py): ~7% faster eager CPU steps. false: peft's own forward.
