@@ -9,9 +9,10 @@ accumulates into the result with alpha = s), and the backward is written out by 
     backward   g_down = s * g B        grad_B = s * g^T down     grad_A = g_down^T x
                grad_x = g W;  grad_x += g_down A
 
-Measured on the speed benchmark's workload (SmolLM2-135M, r=16, all linear layers, CPU fp32): ~7% faster
-eager steps; compiled blocks fuse those passes anyway, so there it is even. The parameters, their names and
-the saved adapter are peft's own: this class only replaces `forward`, and only where its math is exactly
+Measured on the speed benchmark's workload (SmolLM2-135M, r=16, all linear layers, CPU fp32), paired A/Bs
+(benchmarks/fused_ab.py): 5-8% faster eager steps; 1-5% with compiled blocks, which fuse those passes too.
+The parameters, their names and the saved adapter are peft's own: this class only replaces `forward`, and
+only where its math is exactly
 peft's (tests/test_fused_lora.py); everything else (merged or disabled adapters, several adapters, DoRA, a
 scale inside the autograd graph as S-LoRA trains it, 4-bit or other non-`nn.Linear` bases, mixed dtypes,
 autocast) goes through peft's forward unchanged. `trainer.fused_lora=false` turns it off.
