@@ -37,7 +37,7 @@ bench-memory: setup
 	$(BIN)/python benchmarks/memory.py
 
 # lora train vs TRL's SFTTrainer; TRL is a benchmark-only extra (pyproject's `bench`), installed here only.
-# Seed 42 is timed; seeds 1 and 2 retrain both untimed for the eval-loss mean (~32 min on 2 CPUs in all).
+# Seed 42 is timed; seeds 1 and 2 retrain both untimed for the eval-loss mean (~40 min on 2 CPUs in all).
 bench-speed: setup
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/speed.py --seeds 42,1,2

@@ -61,6 +61,18 @@ def keep_freed_memory() -> bool:
     return all(mallopt(param, value) == 1 for param, value in settings)
 
 
+def compile_failure(device) -> str | None:
+    """Why torch.compile cannot run here (no C++ compiler, no triton), or None where it can: a tiny graph that
+    fails fast, before training."""
+    import torch
+
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
+    except Exception as exc:  # noqa: BLE001 (any failure means: train eagerly)
+        return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    return None
+
+
 def compile_blocks(model, device) -> int:
     """torch.compile every transformer block (`nn.Module.compile`); returns how many blocks.
 
@@ -73,13 +85,10 @@ def compile_blocks(model, device) -> int:
     training by `compile_variants`. transformers' output-capturing hooks (a ContextVar that dynamo does not
     trace) split each block's graph in two around the attention; that costs little. Nothing is compiled,
     with a message, where torch.compile does not work (no C++ compiler, no triton)."""
-    import torch
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    try:  # a tiny graph: fails fast, before training, where the machine cannot compile
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
-    except Exception as exc:  # noqa: BLE001 (any failure means: train eagerly)
-        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+    reason = compile_failure(device)
+    if reason is not None:
         console.print(f"[yellow]trainer.compile=true: torch.compile does not work here ({reason}); training "
                       "without it[/]")
         return 0

@@ -9,7 +9,7 @@ import torch
 from conftest import TINY, lora, read_metrics
 
 from lora_cli.data import IGNORE_INDEX, collate, micro_batches, pack
-from lora_cli.train import token_loss_sum
+from lora_cli.train import compile_failure, token_loss_sum
 
 
 def tiny_model(dtype=torch.float32):
@@ -118,15 +118,6 @@ def test_a_packed_run_trains_like_a_padded_one(tmp_path):
     assert losses["true"][-1] < losses["true"][0]
 
 
-def torch_compile_works() -> bool:
-    """Whether inductor can build a kernel here (it needs a C++ compiler on a CPU)."""
-    try:
-        torch.compile(lambda x: x * 2 + 1)(torch.ones(8))
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def train_both_ways(tmp_path, common: list[str], key: str) -> dict[str, dict]:
     """`lora train COMMON KEY=false` and `KEY=true`: each run's per-step losses, eval losses and saved adapter."""
     from safetensors.torch import load_file
@@ -154,7 +145,8 @@ def assert_same_training(run: dict, reference: dict, rel: float, adapter_rtol: f
     assert run["loss"][-1] < run["loss"][0]
 
 
-@pytest.mark.skipif(not torch_compile_works(), reason="torch.compile cannot build kernels here (no C++ compiler)")
+@pytest.mark.skipif(compile_failure(torch.device("cpu")) is not None,
+                    reason="torch.compile cannot build kernels here (no C++ compiler)")
 def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     """Through the CLI: `trainer.compile=true` fuses kernels but computes the same model, so per-step losses,
     eval losses and the saved adapter match the eager run up to rounding (fp32, tolerance 1e-4). Batches
