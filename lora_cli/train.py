@@ -82,9 +82,9 @@ def compile_blocks(model, device) -> int:
     not the whole model: one block's graph serves every block, whatever the depth. Dynamic shapes, so that
     every batch length reuses one graph; the few variants that remain (the first block, whose input needs no
     gradient; batches without padding, which need no mask; eval, without gradients) are compiled before
-    training by `compile_variants`. transformers' output-capturing hooks (a ContextVar that dynamo does not
-    trace) split each block's graph in two around the attention; that costs little. Nothing is compiled,
-    with a message, where torch.compile does not work (no C++ compiler, no triton)."""
+    training by `compile_variants`. Each block is one graph: the loss reads the final hidden states without
+    `output_hidden_states` (see `final_hidden_states`). Nothing is compiled, with a message, where
+    torch.compile does not work (no C++ compiler, no triton)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     reason = compile_failure(device)
@@ -140,12 +140,30 @@ def token_loss_sum(model, head, batch: dict):
         outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
         logits = outputs.logits[labelled[:, keep]]
     else:
-        outputs = model(**inputs, use_cache=False, output_hidden_states=True,
-                        logits_to_keep=torch.empty(0, dtype=torch.long))
-        logits = head(outputs.hidden_states[-1][:, :-1][labelled])
+        logits = head(final_hidden_states(model, inputs)[:, :-1][labelled])
     # At least fp32 for the softmax (bf16/fp16 logits are upcast; fp64 ones, as in the exactness tests, stay).
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return F.cross_entropy(logits, labels[labelled], reduction="sum")
+
+
+def final_hidden_states(model, inputs: dict):
+    """What the output head reads (the decoder's last hidden states), from one call of the whole model.
+
+    Caught by a forward hook on the decoder, not asked for with `output_hidden_states=True`: that flag makes
+    transformers install its output-capturing hooks in every block, and their ContextVar lookups, which dynamo
+    cannot trace, split each compiled block into several graphs (`trainer.compile` steps ~5% slower). The
+    head itself runs on no position here (`logits_to_keep` is empty)."""
+    import torch
+    from accelerate.utils import extract_model_from_parallel
+
+    decoder = extract_model_from_parallel(model).get_decoder()
+    captured = []
+    handle = decoder.register_forward_hook(lambda module, args, output: captured.append(output[0]))
+    try:
+        model(**inputs, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long))
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def count_label_tokens(batch: dict) -> int:
@@ -182,10 +200,15 @@ def total_steps(trainer: TrainerConfig, examples: int, step_size: int) -> int:
 
 
 def build_optimizer(param_groups: list[dict], trainer: TrainerConfig, steps: int):
+    """AdamW and its learning-rate schedule. AdamW is fused (one kernel per tensor instead of a dozen passes)
+    wherever every parameter allows it: for the 420 LoRA tensors of the 135M model on this CPU, optimizer step
+    and clipping took 11 ms instead of 24. Same update, up to rounding."""
     import torch
     from transformers import get_scheduler
 
-    optimizer = torch.optim.AdamW(param_groups, lr=trainer.lr, weight_decay=trainer.weight_decay)
+    params = [p for group in param_groups for p in group["params"]]
+    fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(param_groups, lr=trainer.lr, weight_decay=trainer.weight_decay, fused=fused)
     name = {"constant": "constant_with_warmup"}.get(trainer.schedule, trainer.schedule)
     scheduler = get_scheduler(name, optimizer, num_warmup_steps=int(trainer.warmup_ratio * steps),
                               num_training_steps=steps)

@@ -159,6 +159,38 @@ def test_a_compiled_run_trains_like_an_eager_one(tmp_path):
     assert_same_training(runs["true"], runs["false"], rel=1e-4, adapter_rtol=1e-3, adapter_atol=1e-5)
 
 
+@pytest.mark.skipif(compile_failure(torch.device("cpu")) is not None,
+                    reason="torch.compile cannot build kernels here (no C++ compiler)")
+def test_each_compiled_block_is_one_graph_and_the_loss_reads_the_final_hidden_states(tiny_checkpoint):
+    """The loss reads the decoder's output through its own hook, so transformers never installs its
+    output-capturing hooks, whose ContextVar lookups would break every compiled block into several graphs.
+    The hidden states it reads are those `output_hidden_states=True` returns last, exactly."""
+    from conftest import compose_run
+    from torch._dynamo.utils import counters
+
+    from lora_cli.adapters import build
+    from lora_cli.models import load_model
+    from lora_cli.train import compile_blocks, final_hidden_states
+
+    run = compose_run(["model=tiny_llama", "adapter.dropout=0"])
+    batch = collate(examples(LENGTHS[:3]), pad_id=0)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    model = build(run.adapter, run.trainer).apply(load_model(tiny_checkpoint, run.model, None))
+    with torch.no_grad():
+        assert torch.equal(final_hidden_states(model, inputs),
+                           model(**inputs, output_hidden_states=True).hidden_states[-1])
+
+    model = build(run.adapter, run.trainer).apply(load_model(tiny_checkpoint, run.model, None))  # no hooks yet
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        assert compile_blocks(model, torch.device("cpu")) == model.config.num_hidden_layers > 1
+        token_loss_sum(model, model.get_output_embeddings(), batch).backward()
+        assert dict(counters["graph_break"]) == {}
+    finally:
+        torch._dynamo.reset()
+
+
 def test_compile_falls_back_to_eager_where_it_cannot_run(monkeypatch):
     """No C++ compiler (or triton): torch.compile fails on its first graph; the run says so and stays eager."""
     from lora_cli.report import console
