@@ -38,15 +38,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import DATA, FLOPS_DOC, GEMM_REPEATS, GEMM_SIZE, REPO, lora_args, matmul_peak  # noqa: E402
+from speed import DATA, FLOPS_DOC, GEMM_REPEATS, GEMM_SIZE, REPO, lora_args, matmul_peak, step_flops_by_kernel  # noqa: E402
 
-CLASSES = ("frozen GEMMs", "LoRA products", "output head", "attention")
-
-
-def class_flops(tokens: int, labelled: int, pairs: int, c: dict) -> dict:
-    """speed.py's FLOP count (FLOPS_DOC), split by kernel class."""
-    return {"frozen GEMMs": 4 * c["W_blocks"] * tokens, "LoRA products": 6 * c["W_lora"] * tokens,
-            "output head": 4 * c["W_head"] * labelled, "attention": 12 * c["n_layers"] * c["d_attn"] * pairs}
+CLASSES = ("frozen GEMMs", "LoRA products", "output head", "attention")  # speed.step_flops_by_kernel's keys
 
 
 def best_seconds(run, repeats: int) -> float:
@@ -142,7 +136,7 @@ def replayed_steps(cfg, tokenizer, steps: range) -> list[dict]:
         examples = take(train_split.examples, cfg.trainer.seed, (step - 1) * size, size, cfg.trainer.group_by_length)
         (batch,) = micro_batches(examples, size, 0, 1, tokenizer.pad_token_id)
         lengths = [len(e["input_ids"]) for e in examples]
-        out.append({"step": step, "tokens": sum(lengths), "labelled": sum(predicted_labels(e) for e in examples),
+        out.append({"step": step, "tokens": sum(lengths), "trained_tokens": sum(predicted_labels(e) for e in examples),
                     "pairs": sum(n * (n + 1) // 2 for n in lengths), "shape": list(batch["input_ids"].shape)})
     return out
 
@@ -191,10 +185,10 @@ def main() -> None:
         for step in steps:
             runs = {"frozen GEMMs": frozen_gemms(weights, step["tokens"]),
                     "LoRA products": lora_products(weights, rank, scaling, step["tokens"]),
-                    "output head": output_head(head.weight.detach(), step["labelled"])}
+                    "output head": output_head(head.weight.detach(), step["trained_tokens"])}
             for name, run in runs.items():
                 seconds[name] += best_seconds(run, options.repeats)
-            for name, count in class_flops(step["tokens"], step["labelled"], step["pairs"], constants).items():
+            for name, count in step_flops_by_kernel(step, constants).items():
                 flops[name] += count
     with torch.enable_grad():
         for step in steps:

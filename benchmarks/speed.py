@@ -308,9 +308,15 @@ def lora_contender(args: list[str], work: Path, name: str) -> dict:
             "compile_s": run.get("compile_s")}
 
 
+def step_flops_by_kernel(step: dict, c: dict) -> dict[str, int]:
+    """FLOPS_DOC's terms for one step, by the kernels that do them (benchmarks/mfu_ceiling.py times each)."""
+    return {"frozen GEMMs": 4 * c["W_blocks"] * step["tokens"], "LoRA products": 6 * c["W_lora"] * step["tokens"],
+            "output head": 4 * c["W_head"] * step["trained_tokens"],
+            "attention": 12 * c["n_layers"] * c["d_attn"] * step["pairs"]}
+
+
 def step_flops(step: dict, c: dict) -> float:
-    return (4 * c["W_blocks"] * step["tokens"] + 6 * c["W_lora"] * step["tokens"]
-            + 12 * c["n_layers"] * c["d_attn"] * step["pairs"] + 4 * c["W_head"] * step["trained_tokens"])
+    return sum(step_flops_by_kernel(step, c).values())
 
 
 def summarise(steps: list[dict], warmup: int, constants: dict, peak: float) -> dict:
