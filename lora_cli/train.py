@@ -151,7 +151,7 @@ def final_hidden_states(model, inputs: dict):
 
     Caught by a forward hook on the decoder, not asked for with `output_hidden_states=True`: that flag makes
     transformers install its output-capturing hooks in every block, and their ContextVar lookups, which dynamo
-    cannot trace, split each compiled block into several graphs (`trainer.compile` steps ~5% slower). The
+    cannot trace, split each compiled block into several graphs (`trainer.compile` steps ~4% slower). The
     head itself runs on no position here (`logits_to_keep` is empty)."""
     import torch
     from accelerate.utils import extract_model_from_parallel
