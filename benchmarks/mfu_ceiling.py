@@ -38,7 +38,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import DATA, FLOPS_DOC, GEMM_REPEATS, GEMM_SIZE, REPO, lora_args, matmul_peak, step_flops_by_kernel  # noqa: E402
+from speed import (  # noqa: E402
+    DATA,
+    FLOPS_DOC,
+    GEMM_REPEATS,
+    GEMM_SIZE,
+    REPO,
+    base_flop_constants,
+    block_weights,
+    lora_args,
+    matmul_peak,
+    sequence_stats,
+    step_flops_by_kernel,
+)
 
 CLASSES = ("frozen GEMMs", "LoRA products", "output head", "attention")  # speed.step_flops_by_kernel's keys
 
@@ -135,9 +147,9 @@ def replayed_steps(cfg, tokenizer, steps: range) -> list[dict]:
     for step in steps:
         examples = take(train_split.examples, cfg.trainer.seed, (step - 1) * size, size, cfg.trainer.group_by_length)
         (batch,) = micro_batches(examples, size, 0, 1, tokenizer.pad_token_id)
-        lengths = [len(e["input_ids"]) for e in examples]
-        out.append({"step": step, "tokens": sum(lengths), "trained_tokens": sum(predicted_labels(e) for e in examples),
-                    "pairs": sum(n * (n + 1) // 2 for n in lengths), "shape": list(batch["input_ids"].shape)})
+        stats = sequence_stats([len(e["input_ids"]) for e in examples], sum(predicted_labels(e) for e in examples),
+                               batch["input_ids"].numel())
+        out.append({"step": step, **stats, "shape": list(batch["input_ids"].shape)})
     return out
 
 
@@ -167,13 +179,10 @@ def main() -> None:
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     model = load_model(checkpoint, cfg.model, tokenizer)
     head = model.get_output_embeddings()
-    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    weights = [w.detach() for w in block_weights(model)]
     rank, scaling = cfg.adapter.r, cfg.adapter.alpha / cfg.adapter.r
     config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    constants = {"W_blocks": sum(w.numel() for w in weights), "W_head": head.weight.numel(),
-                 "n_layers": config.num_hidden_layers, "d_attn": config.num_attention_heads * head_dim,
-                 "W_lora": sum(rank * (w.shape[0] + w.shape[1]) for w in weights)}
+    constants = base_flop_constants(model) | {"W_lora": sum(rank * (w.shape[0] + w.shape[1]) for w in weights)}
     steps = replayed_steps(cfg, tokenizer, range(options.warmup + 1, total + 1))
 
     print(f"replaying {len(steps)} steps of the speed benchmark as bare kernels ({torch.get_num_threads()} threads, "

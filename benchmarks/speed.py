@@ -240,13 +240,7 @@ def eval_worker(spec: dict) -> None:
     losses, flops, adapter_weights = {}, {}, {}
     for name, folder in spec["adapters"].items():
         base = load_model(checkpoint, cfg.model, tokenizer)
-        if not flops:
-            head = base.get_output_embeddings()
-            linears = [m for m in base.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-            config = base.config
-            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-            flops = {"W_blocks": sum(m.weight.numel() for m in linears), "W_head": head.weight.numel(),
-                     "n_layers": config.num_hidden_layers, "d_attn": config.num_attention_heads * head_dim}
+        flops = flops or base_flop_constants(base)
         model = PeftModel.from_pretrained(base, folder)
         adapter_weights[name] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         flops.setdefault("W_lora", adapter_weights[name])
@@ -306,6 +300,23 @@ def lora_contender(args: list[str], work: Path, name: str) -> dict:
     return {"steps": steps, "peak_rss": run["peak_memory"]["RSS"], "own_eval_loss": run["eval_loss_after"],
             "own_eval_loss_before": run["eval_loss_before"], "adapter": str(run_dir / "adapter"),
             "compile_s": run.get("compile_s")}
+
+
+def block_weights(model) -> list:
+    """The frozen linear weights of the blocks: every nn.Linear but the output head."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def base_flop_constants(model) -> dict[str, int]:
+    """FLOPS_DOC's constants that the base model fixes (W_lora comes from the adapter)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {"W_blocks": sum(w.numel() for w in block_weights(model)),
+            "W_head": model.get_output_embeddings().weight.numel(),
+            "n_layers": config.num_hidden_layers, "d_attn": config.num_attention_heads * head_dim}
 
 
 def step_flops_by_kernel(step: dict, c: dict) -> dict[str, int]:

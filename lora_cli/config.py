@@ -250,7 +250,7 @@ class TrainerConfig:
     packing: bool = False
     keep_freed_memory: bool = True  # glibc keeps freed activation memory for the next step: fewer page faults
     # torch.compile every transformer block (fused elementwise kernels): slightly faster steps once compiled,
-    # after 30-60 s of compiling on a 2-core CPU, so it pays off on long runs only. Plain LoRA only.
+    # after 20-60 s of compiling on a 2-core CPU, so it pays off on long runs only. Plain LoRA only.
     compile: bool = False
     # LoRA layers compute W x + s B A x in one autograd function, scale and adds inside the GEMMs (exact, see
     # adapters/fused.py): 5-8% faster eager CPU steps. false: peft's own forward.
