@@ -9,10 +9,11 @@ import math
 import time
 
 from lora_cli import adapters
+from lora_cli.artifacts import peak_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
 from lora_cli.models import load_tokenizer, resolve_checkpoint
-from lora_cli.train import total_steps
+from lora_cli.train import predicted_labels, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -40,9 +41,12 @@ def matmul_gflops() -> float:
     return 2 * 1024**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int) -> int:
-    """Weights + adapter training state (param, grad, two AdamW moments) + activations of one micro-batch
-    (a rough per-token, per-block count for a Llama-style block, fp32) + the output head on labelled tokens."""
+def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_labels: int) -> int:
+    """On a CPU, what this process holds already (Python, torch, the tokenizer and the data: a training
+    process holds them too, before its weights; on a GPU the estimate is of GPU memory) + weights + adapter
+    training state (param, grad, two AdamW moments) + activations of the longest micro-batch (a rough
+    per-token, per-block count for a Llama-style block, fp32) + the output head's logits on labelled
+    positions, which are all it computes."""
     config = model.config
     sizes = [(p.numel(), ".layers." in name) for name, p in model.named_parameters()]
     in_blocks = sum(n for n, block in sizes if block)
@@ -52,8 +56,11 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int) -> int:
     per_token_block = 16 * config.hidden_size + 3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
     blocks = 2 if cfg.trainer.gradient_checkpointing else config.num_hidden_layers
     activations = tokens * per_token_block * blocks * 4
-    head = tokens * config.vocab_size * 4 * 2
-    return int(weights + 16 * trainable + activations + head)
+    head = cfg.trainer.batch_size * most_labels * config.vocab_size * 4 * 2  # logits and their gradient
+    import torch
+
+    runtime = 0 if torch.cuda.is_available() else peak_memory()["RSS"]
+    return int(runtime + weights + 16 * trainable + activations + head)
 
 
 def plan(cfg: RunConfig) -> dict:
@@ -82,6 +89,7 @@ def plan(cfg: RunConfig) -> dict:
         "steps": steps, "examples_per_step": step_size, "epochs": round(steps * step_size / len(train_split.examples),
                                                                           2),
         "trainable_params": trainable, "total_params": total,
-        "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest),
+        "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest,
+                                             max(predicted_labels(e) for e in train_split.examples)),
         "train_seconds": math.ceil(seconds),
     }
