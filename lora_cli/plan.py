@@ -45,8 +45,8 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
     """On a CPU, what this process holds already (Python, torch, the tokenizer and the data: a training
     process holds them too, before its weights; on a GPU the estimate is of GPU memory) + weights + adapter
     training state (param, grad, two AdamW moments) + activations of the longest micro-batch (a rough
-    per-token, per-block count for a Llama-style block, fp32) + the output head's logits on labelled
-    positions, which are all it computes."""
+    per-token, per-block count for a Llama-style block, fp32) + the output head's outputs on labelled
+    positions, which are all it computes (in training or in eval, whichever holds more)."""
     config = model.config
     sizes = [(p.numel(), ".layers." in name) for name, p in model.named_parameters()]
     in_blocks = sum(n for n, block in sizes if block)
@@ -56,7 +56,9 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
     per_token_block = 16 * config.hidden_size + 3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
     blocks = 2 if cfg.trainer.gradient_checkpointing else config.num_hidden_layers
     activations = tokens * per_token_block * blocks * 4
-    head = cfg.trainer.batch_size * most_labels * config.vocab_size * 4 * 2  # logits and their gradient
+    # The head's output on labelled positions: a training micro-batch holds the logits, the log-probabilities and
+    # their gradient; an eval batch (often larger, no gradient) the logits and the log-probabilities.
+    head = most_labels * config.vocab_size * 4 * max(3 * cfg.trainer.batch_size, 2 * cfg.trainer.eval_batch_size)
     import torch
 
     runtime = 0 if torch.cuda.is_available() else peak_memory()["RSS"]

@@ -101,19 +101,20 @@ def test_a_finished_run_is_never_overwritten(tiny_run):
 def test_dry_run_memory_estimate_is_near_a_real_runs_peak(tmp_path):
     """Each in its own process, whose peak RSS is its own. Most of a tiny model's run is what Python, torch and
     the data take before any weight, which the estimate once left out (it came to 0.38x of the peak); now it
-    counts them. Still an estimate: it came to 0.69x here and 0.67-0.81x on the embedded model's recipe."""
+    counts them, and the eval batch's head outputs. Still an estimate: 0.83-0.89x here, 0.71-0.86x on the
+    embedded model's recipe."""
     import json
     import re
 
     args = ["train", "recipe=banking_support", "model=tiny_llama", "trainer.max_steps=3", "trainer.eval_every=2"]
     plan = lora(*args, "--dry-run", process=True, cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr
-    number, unit = re.search(r"peak memory\s*│\s*~([\d.]+) (MiB|GiB)", plan.stdout).groups()
+    number, unit = re.search(r"peak memory\W*~([\d.]+) (MiB|GiB)", plan.stdout).groups()
     estimate = float(number) * 1024 ** {"MiB": 2, "GiB": 3}[unit]
     run = lora(*args, f"hydra.run.dir={tmp_path / 'run'}", process=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     peak = json.loads((tmp_path / "run" / "run.json").read_text())["result"]["peak_memory"]["RSS"]
-    assert 0.5 < estimate / peak < 1.5, (estimate, peak)
+    assert 0.6 < estimate / peak < 1.4, (estimate, peak)
 
 
 def test_dry_run_validates_and_prints_the_plan_without_training(tmp_path):
