@@ -80,7 +80,11 @@ def plan(cfg: RunConfig) -> dict:
     head = model.get_output_embeddings().weight.numel()
     labels_per_step = train_split.label_tokens / len(train_split.examples) * step_size
     flops = steps * (4 * blocks * tokens_per_step + 6 * head * labels_per_step)
-    seconds = flops / (0.7 * matmul_gflops() * 1e9) / cfg.trainer.num_processes
+    # Evals: before the first step, every trainer.eval_every steps and after the last; forward only (2 FLOPs per
+    # weight and token), and every process evaluates the whole split, so they do not divide among processes.
+    evals = 1 + steps // cfg.trainer.eval_every + (steps % cfg.trainer.eval_every != 0)
+    eval_flops = evals * (2 * blocks * eval_split.tokens + 2 * head * eval_split.label_tokens)
+    speed = 0.7 * matmul_gflops() * 1e9
     longest = max(len(e["input_ids"]) for e in train_split.examples)
     return {
         "model": checkpoint.model_id, "adapter": f"{cfg.adapter.name} r={cfg.adapter.r}",
@@ -93,5 +97,6 @@ def plan(cfg: RunConfig) -> dict:
         "trainable_params": trainable, "total_params": total,
         "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest,
                                              max(predicted_labels(e) for e in train_split.examples)),
-        "train_seconds": math.ceil(seconds),
+        "train_seconds": math.ceil(flops / speed / cfg.trainer.num_processes),
+        "evals": evals, "eval_seconds": math.ceil(eval_flops / speed),
     }

@@ -44,6 +44,10 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def format_seconds(seconds: int) -> str:
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
+
+
 def print_plan(plan: dict) -> None:
     table = Table(title="lora train --dry-run: the plan (nothing was trained or written)", show_header=False,
                   title_justify="left")
@@ -58,8 +62,8 @@ def print_plan(plan: dict) -> None:
         ("trainable params", f"{plan['trainable_params']:,} of {plan['total_params']:,} "
                              f"({100 * plan['trainable_params'] / plan['total_params']:.2f}%)"),
         ("peak memory", f"~{format_bytes(plan['peak_memory_bytes'])} (estimate)"),
-        ("training time", f"~{plan['train_seconds'] // 60} min {plan['train_seconds'] % 60} s on this machine "
-                          "(estimate from its measured matmul speed)"),
+        ("time", f"~{format_seconds(plan['train_seconds'])} training, ~{format_seconds(plan['eval_seconds'])} for "
+                 f"{plan['evals']} evals (estimate from this machine's measured matmul speed)"),
     ]
     for name, value in rows:
         table.add_row(name, value)

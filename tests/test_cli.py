@@ -119,10 +119,10 @@ def test_dry_run_memory_estimate_is_near_a_real_runs_peak(tmp_path):
 
 def test_dry_run_validates_and_prints_the_plan_without_training(tmp_path):
     proc = lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama", "trainer.max_steps=12",
-                f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+                "trainer.eval_every=5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     for needle in ("the plan", "847 train, 231 eval", "12 x 8 examples", "trainable params", "peak memory",
-                   "training time"):
+                   "training, ~", "for 4 evals"):  # before step 1, after 5 and 10, and after the last
         assert needle in " ".join(proc.stdout.split()), needle
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
     bad = lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama", "adapter.target_modules=[qkv]")
