@@ -13,7 +13,7 @@ from lora_cli.artifacts import peak_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
 from lora_cli.models import load_tokenizer, resolve_checkpoint
-from lora_cli.train import predicted_labels, total_steps
+from lora_cli.train import is_eval_step, predicted_labels, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -47,6 +47,8 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
     training state (param, grad, two AdamW moments) + activations of the longest micro-batch (a rough
     per-token, per-block count for a Llama-style block, fp32) + the output head's outputs on labelled
     positions, which are all it computes (in training or in eval, whichever holds more)."""
+    import torch
+
     config = model.config
     sizes = [(p.numel(), ".layers." in name) for name, p in model.named_parameters()]
     in_blocks = sum(n for n, block in sizes if block)
@@ -59,8 +61,6 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
     # The head's output on labelled positions: a training micro-batch holds the logits, the log-probabilities and
     # their gradient; an eval batch (often larger, no gradient) the logits and the log-probabilities.
     head = most_labels * config.vocab_size * 4 * max(3 * cfg.trainer.batch_size, 2 * cfg.trainer.eval_batch_size)
-    import torch
-
     runtime = 0 if torch.cuda.is_available() else peak_memory()["RSS"]
     return int(runtime + weights + 16 * trainable + activations + head)
 
@@ -80,9 +80,9 @@ def plan(cfg: RunConfig) -> dict:
     head = model.get_output_embeddings().weight.numel()
     labels_per_step = train_split.label_tokens / len(train_split.examples) * step_size
     flops = steps * (4 * blocks * tokens_per_step + 6 * head * labels_per_step)
-    # Evals: before the first step, every trainer.eval_every steps and after the last; forward only (2 FLOPs per
-    # weight and token), and every process evaluates the whole split, so they do not divide among processes.
-    evals = 1 + steps // cfg.trainer.eval_every + (steps % cfg.trainer.eval_every != 0)
+    # Evals (one before the first step, then the loop's): forward only (2 FLOPs per weight and token), and every
+    # process evaluates the whole split, so they do not divide among processes.
+    evals = 1 + sum(is_eval_step(step, steps, cfg.trainer.eval_every) for step in range(1, steps + 1))
     eval_flops = evals * (2 * blocks * eval_split.tokens + 2 * head * eval_split.label_tokens)
     speed = 0.7 * matmul_gflops() * 1e9
     longest = max(len(e["input_ids"]) for e in train_split.examples)

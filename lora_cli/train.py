@@ -193,6 +193,11 @@ def evaluate_loss(model, loader, device, head) -> float:
     return total / tokens
 
 
+def is_eval_step(step: int, steps: int, eval_every: int) -> bool:
+    """Whether the loop evaluates after this step (it also evaluates once before the first)."""
+    return step % eval_every == 0 or step == steps
+
+
 def total_steps(trainer: TrainerConfig, examples: int, step_size: int) -> int:
     if trainer.max_steps:
         return trainer.max_steps
@@ -475,7 +480,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
                          "trained_tokens": step_tokens, "padded_tokens": padded, "tokens_per_s": seen / elapsed})
             progress.update(task, advance=1, loss=train_loss, lr=lr, tps=state.tokens / state.train_time)
 
-            if step % cfg.trainer.eval_every == 0 or step == steps:
+            if is_eval_step(step, steps, cfg.trainer.eval_every):
                 eval_loss = evaluate_loss(model, evaluation, accelerator.device, head)
                 metrics.log({"step": step, "eval_loss": eval_loss})
                 progress.update(task, eval_loss=eval_loss)
