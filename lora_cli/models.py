@@ -222,6 +222,24 @@ def load_model(checkpoint: Checkpoint, cfg: ModelConfig, tokenizer=None, quantiz
     model = AutoModelForCausalLM.from_pretrained(
         checkpoint.path, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
         trust_remote_code=cfg.trust_remote_code, **kwargs)
+    if quantize:
+        release_checkpoint_map(model)
     if tokenizer is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def release_checkpoint_map(model) -> None:
+    """Give the unquantized tensors of a 4-bit model on the CPU (embeddings, norms) memory of their own.
+
+    transformers reads the checkpoint through a memory map, and those tensors still point into it after
+    loading, so the map stays open, and with it every page of full-precision weights that quantizing read:
+    on the embedded 135M model, 0.4 GiB of the process's RSS for weights no longer used. A full-precision
+    model uses its mapped weights, so only quantized loads need this."""
+    import torch
+    from bitsandbytes.nn import Params4bit
+
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.device.type == "cpu" and not isinstance(tensor, Params4bit):
+                tensor.data = tensor.data.clone()

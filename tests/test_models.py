@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import compose_run
+from conftest import REPO, compose_run
 
 from lora_cli.errors import UserError
 from lora_cli.models import SOURCE_FILE, find_gguf, load_model, load_tokenizer, resolve_checkpoint
@@ -50,3 +53,29 @@ def test_local_folder_without_safetensors_is_refused(tmp_path):
     cfg = compose_run(["model=hf", f"model.name_or_path={tmp_path}"]).model
     with pytest.raises(UserError, match="safetensors only"):
         resolve_checkpoint(cfg)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads the process's memory maps (Linux)")
+def test_a_4bit_model_keeps_no_map_of_its_full_precision_checkpoint(tiny_checkpoint):
+    """In a fresh process (another test's model may map the file in this one): a full-precision model computes
+    from the checkpoint's memory map, a 4-bit one must not keep it (and every page quantizing read) open."""
+    script = """
+import gc
+from pathlib import Path
+from lora_cli.config import compose
+from lora_cli.models import load_model, resolve_checkpoint
+cfg = compose(["model=tiny_llama"]).model
+checkpoint = resolve_checkpoint(cfg)
+weights = str((checkpoint.path / "model.safetensors").resolve())
+def mapped():
+    gc.collect()
+    return weights in Path("/proc/self/maps").read_text()
+full = load_model(checkpoint, cfg)
+assert mapped(), "a full-precision model should compute from the map: this check would prove nothing"
+del full
+model = load_model(checkpoint, cfg, quantize="nf4")
+assert not mapped(), "the 4-bit model keeps the checkpoint mapped"
+assert model.get_input_embeddings().weight is model.get_output_embeddings().weight  # still tied
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-2000:]
