@@ -48,6 +48,7 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
     per-token, per-block count for a Llama-style block, fp32) + the output head's outputs on labelled
     positions, which are all it computes (in training or in eval, whichever holds more)."""
     import torch
+    from peft.tuners.lora import LoraLayer
 
     config = model.config
     sizes = [(p.numel(), ".layers." in name) for name, p in model.named_parameters()]
@@ -56,6 +57,9 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
     weights = (0.5 if cfg.adapter.quantize else BYTES[cfg.model.dtype]) * in_blocks + BYTES[cfg.model.dtype] * rest
     tokens = cfg.trainer.batch_size * longest
     per_token_block = 16 * config.hidden_size + 3 * getattr(config, "intermediate_size", 4 * config.hidden_size)
+    if cfg.adapter.dropout > 0:  # each adapted layer also keeps its input's dropped copy for the backward
+        adapted_inputs = sum(m.in_features for m in model.modules() if isinstance(m, LoraLayer))
+        per_token_block += adapted_inputs / config.num_hidden_layers
     blocks = 2 if cfg.trainer.gradient_checkpointing else config.num_hidden_layers
     activations = tokens * per_token_block * blocks * 4
     # The head's output on labelled positions: a training micro-batch holds the logits, the log-probabilities and
