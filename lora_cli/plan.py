@@ -79,11 +79,11 @@ def plan(cfg: RunConfig) -> dict:
     trainable, total = model.get_nb_trainable_parameters()
     blocks = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
     tokens_per_step = train_split.tokens / len(train_split.examples) * step_size
-    # Frozen weights need no weight gradient: forward 2 and backward 2 FLOPs per weight and token, plus the
+    # Frozen weights need no weight gradient: forward 2 and backward 2 FLOPs per weight and token, the (frozen)
     # output head on the labelled tokens only; at about 70% of the matmul peak.
     head = model.get_output_embeddings().weight.numel()
     labels_per_step = train_split.label_tokens / len(train_split.examples) * step_size
-    flops = steps * (4 * blocks * tokens_per_step + 6 * head * labels_per_step)
+    flops = steps * 4 * (blocks * tokens_per_step + head * labels_per_step)
     # Evals (one before the first step, then the loop's): forward only (2 FLOPs per weight and token), and every
     # process evaluates the whole split, so they do not divide among processes.
     evals = 1 + sum(is_eval_step(step, steps, cfg.trainer.eval_every) for step in range(1, steps + 1))
@@ -99,8 +99,8 @@ def plan(cfg: RunConfig) -> dict:
         "steps": steps, "examples_per_step": step_size, "epochs": round(steps * step_size / len(train_split.examples),
                                                                           2),
         "trainable_params": trainable, "total_params": total,
-        "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest,
-                                             max(predicted_labels(e) for e in train_split.examples)),
+        "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest, max(
+            predicted_labels(e) for e in train_split.examples + eval_split.examples)),
         "train_seconds": math.ceil(flops / speed / cfg.trainer.num_processes),
         "evals": evals, "eval_seconds": math.ceil(eval_flops / speed),
     }
