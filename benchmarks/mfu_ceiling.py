@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import sys
 import time
 from datetime import date
@@ -43,11 +40,13 @@ from speed import (  # noqa: E402
     FLOPS_DOC,
     GEMM_REPEATS,
     GEMM_SIZE,
-    REPO,
+    add_result_options,
     base_flop_constants,
     block_weights,
     lora_args,
+    machine_name,
     matmul_peak,
+    result_file,
     sequence_stats,
     step_flops_by_kernel,
 )
@@ -158,8 +157,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="replay this many of speed.py's timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="speed.py's untimed steps, skipped here too")
     parser.add_argument("--repeats", type=int, default=3, help="time each kernel class this many times per step")
-    parser.add_argument("--machine", default=f"{platform.node()}-{os.cpu_count()}cpu", help="name in the file name")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_result_options(parser)
     options = parser.parse_args()
     if options.steps < 1 or options.repeats < 1 or options.warmup < 0:
         parser.error("--steps and --repeats must be >= 1, --warmup >= 0")
@@ -222,9 +220,8 @@ def main() -> None:
           f"adds time: at {total_seconds / len(steps):.3f} s/step of kernels, 80% MFU needs whole steps within "
           f"{total_flops / len(steps) / (0.8 * peak):.3f} s.")
 
-    options.out.mkdir(parents=True, exist_ok=True)
-    machine = re.sub(r"[^A-Za-z0-9_.-]+", "_", options.machine)
-    path = options.out / f"{date.today().isoformat()}-{machine}-mfu-ceiling.json"
+    machine = machine_name(options)
+    path = result_file(options, "json", "mfu-ceiling")
     path.write_text(json.dumps({
         "benchmark": "mfu-ceiling", "date": date.today().isoformat(), "machine": machine,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "repeats": options.repeats,

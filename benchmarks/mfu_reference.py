@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import re
 import sys
 import time
 from datetime import date
@@ -35,7 +32,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from speed import FLOPS_DOC, REPO, base_flop_constants, lora_args, matmul_peak, sequence_stats, step_flops  # noqa: E402
+from speed import (  # noqa: E402
+    FLOPS_DOC,
+    add_result_options,
+    base_flop_constants,
+    lora_args,
+    machine_name,
+    matmul_peak,
+    result_file,
+    sequence_stats,
+    step_flops,
+)
 
 BATCH, LENGTH = 4, 256  # the workload
 
@@ -71,8 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10, help="timed steps per loop (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
-    parser.add_argument("--machine", default=f"{platform.node()}-{os.cpu_count()}cpu", help="name in the file name")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_result_options(parser)
     options = parser.parse_args()
     if options.steps < 1 or options.warmup < 0:
         parser.error("--steps must be >= 1, --warmup >= 0")
@@ -137,9 +143,8 @@ def main() -> None:
     speedup = seconds["plain peft"] / seconds["lora-cli"]
     print(f"\nlora-cli / plain peft: {speedup:.2f}x the steps per second")
 
-    options.out.mkdir(parents=True, exist_ok=True)
-    machine = re.sub(r"[^A-Za-z0-9_.-]+", "_", options.machine)
-    path = options.out / f"{date.today().isoformat()}-{machine}-mfu-reference.json"
+    machine = machine_name(options)
+    path = result_file(options, "json", "mfu-reference")
     path.write_text(json.dumps({
         "benchmark": "mfu-reference", "date": date.today().isoformat(), "machine": machine,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "batch": BATCH, "length": LENGTH,

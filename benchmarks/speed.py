@@ -487,7 +487,7 @@ def benchmark(options) -> None:
         rows[name]["gflops_per_s"] = rows[name]["flops_per_s"] / 1e9
     ratios = {name: {key: rows[name][key] / rows["TRL"][key] for _, key, _ in COLUMNS} for name in loras}
 
-    machine = re.sub(r"[^A-Za-z0-9_.-]+", "_", options.machine)
+    machine = machine_name(options)
     threads = torch.get_num_threads()
     title = (f"{options.model}, Banking77 train, LoRA r=16 all-linear, batch 16, max len 256, fp32 CPU "
              f"({threads} threads), {options.steps} timed steps after {options.warmup} warm-up; "
@@ -517,8 +517,7 @@ def benchmark(options) -> None:
     checks = [line for name, lora in loras.items() for line in consistency(name, lora, trl, evaluation)]
     print("\n".join(f"check: {line}" for line in dict.fromkeys(checks)))
 
-    options.out.mkdir(parents=True, exist_ok=True)
-    stem = options.out / "-".join([date.today().isoformat(), machine, *([options.tag] if options.tag else [])])
+    tag = [options.tag] if options.tag else []
     result = {
         "benchmark": "speed", "date": date.today().isoformat(), "machine": machine, "node": platform.node(),
         "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -534,9 +533,27 @@ def benchmark(options) -> None:
         "contenders": rows, "ratios_over_trl": ratios, "checks": checks, "seeds": seeds,
         "steps_detail": {name: result["steps"] for name, result in contenders.items()},
     }
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
-    plot(rows, title, stem.with_suffix(".png"))
-    print(f"wrote {stem.with_suffix('.json')} and {stem.with_suffix('.png')}")
+    json_path, png_path = result_file(options, "json", *tag), result_file(options, "png", *tag)
+    json_path.write_text(json.dumps(result, indent=2))
+    plot(rows, title, png_path)
+    print(f"wrote {json_path} and {png_path}")
+
+
+def add_result_options(parser: argparse.ArgumentParser) -> None:
+    """--machine and --out: how every benchmark here names and places its result files."""
+    parser.add_argument("--machine", default=f"{platform.node()}-{os.cpu_count()}cpu", help="name in the file names")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+
+
+def machine_name(options: argparse.Namespace) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", options.machine)
+
+
+def result_file(options: argparse.Namespace, extension: str, *suffixes: str) -> Path:
+    """OUT/<date>-<machine>[-<suffix>...].<extension>, its folder made. The extension is appended, not put in
+    place with Path.with_suffix, which would cut a machine name at its first dot."""
+    options.out.mkdir(parents=True, exist_ok=True)
+    return options.out / ("-".join([date.today().isoformat(), machine_name(options), *suffixes]) + f".{extension}")
 
 
 def main() -> None:
@@ -557,8 +574,7 @@ def main() -> None:
                         help="comma-separated training seeds; the first is the timed run, the others only retrain "
                              "lora-cli and TRL (untimed) for the eval-loss mean (each ~9 min on 2 CPUs)")
     parser.add_argument("--tag", default=None, help="appended to the result file names (ablations)")
-    parser.add_argument("--machine", default=f"{platform.node()}-{os.cpu_count()}cpu", help="name in the file names")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_result_options(parser)
     parser.add_argument("--keep", type=Path, default=None, help="keep run dirs, adapters and logs in this folder")
     parser.add_argument("--worker", choices=["trl", "eval"], help=argparse.SUPPRESS)
     parser.add_argument("spec", nargs="?", type=Path, help=argparse.SUPPRESS)
