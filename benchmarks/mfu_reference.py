@@ -79,10 +79,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12, help="timed steps per loop (after the warm-up)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per loop first")
+    parser.add_argument("--compile", action="store_true",
+                        help="lora-cli's blocks compiled, as trainer.compile=true does (its first step compiles)")
     add_result_options(parser)
     options = parser.parse_args()
-    if options.steps < 1 or options.warmup < 0:
-        parser.error("--steps must be >= 1, --warmup >= 0")
+    if options.steps < 1 or options.warmup < (1 if options.compile else 0):
+        parser.error("--steps must be >= 1, --warmup >= 0 (>= 1 with --compile: the first step compiles)")
 
     import torch
     from peft import LoraConfig, get_peft_model
@@ -90,7 +92,7 @@ def main() -> None:
     from lora_cli import adapters
     from lora_cli.config import compose
     from lora_cli.models import load_model, load_tokenizer, resolve_checkpoint
-    from lora_cli.train import build_optimizer, keep_freed_memory
+    from lora_cli.train import build_optimizer, compile_blocks, keep_freed_memory
 
     keep_freed_memory()  # as `lora train` runs (trainer.keep_freed_memory); both loops share the process
     total = options.warmup + options.steps
@@ -104,11 +106,14 @@ def main() -> None:
     variant = adapters.build(cfg.adapter, cfg.trainer, total)
     ours = variant.apply(load_model(checkpoint, cfg.model, tokenizer))
     ours.train()
+    if options.compile and not compile_blocks(ours, torch.device("cpu")):
+        sys.exit("--compile: torch.compile does not work here (see the message above)")
     params = [p for p in ours.parameters() if p.requires_grad]
     optimizer, _ = build_optimizer(variant.param_groups(ours, cfg.trainer), cfg.trainer, total)
+    ours_name = "lora-cli +compile" if options.compile else "lora-cli"
     loops = {"plain peft": plain_peft_step(plain, torch.optim.AdamW(
                  [p for p in plain.parameters() if p.requires_grad], lr=cfg.trainer.lr)),
-             "lora-cli": lora_cli_step(ours, ours.get_output_embeddings(), optimizer, params,
+             ours_name: lora_cli_step(ours, ours.get_output_embeddings(), optimizer, params,
                                        cfg.trainer.max_grad_norm)}
     weights = {name: sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
                for name, model in (("plain peft", plain), ("lora-cli", ours))}
@@ -137,19 +142,20 @@ def main() -> None:
     rows = {name: {"s_per_step": s / options.steps, "tokens_per_s": BATCH * LENGTH * options.steps / s,
                    "flops_per_s": flops * options.steps / s, "mfu": flops * options.steps / s / peak}
             for name, s in seconds.items()}
-    print(f"{'loop':12s}{'s/step':>9s}{'tok/s':>9s}{'GFLOP/s':>9s}{'MFU':>8s}")
+    print(f"{'loop':18s}{'s/step':>9s}{'tok/s':>9s}{'GFLOP/s':>9s}{'MFU':>8s}")
     for name, row in rows.items():
-        print(f"{name:12s}{row['s_per_step']:9.3f}{row['tokens_per_s']:9.1f}{row['flops_per_s'] / 1e9:9.1f}"
+        print(f"{name:18s}{row['s_per_step']:9.3f}{row['tokens_per_s']:9.1f}{row['flops_per_s'] / 1e9:9.1f}"
               f"{row['mfu']:8.1%}")
-    speedup = seconds["plain peft"] / seconds["lora-cli"]
+    speedup = seconds["plain peft"] / seconds[ours_name]
     print(f"\nlora-cli / plain peft: {speedup:.2f}x the steps per second")
 
     machine = machine_name(options)
-    path = result_file(options, "json", "mfu-reference")
+    path = result_file(options, "json", "mfu-reference", *(["compile"] if options.compile else []))
     path.write_text(json.dumps({
         "benchmark": "mfu-reference", "date": date.today().isoformat(), "machine": machine,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "batch": BATCH, "length": LENGTH,
-        "warmup": options.warmup, "steps": options.steps, "peaks_before_after": peaks, "flops_formula": FLOPS_DOC,
+        "compile": options.compile, "warmup": options.warmup, "steps": options.steps, "peaks_before_after": peaks,
+        "flops_formula": FLOPS_DOC,
         "flops_constants": constants, "flops_per_step": flops, "loops": rows, "speedup": speedup}, indent=2))
     print(f"wrote {path}")
 
