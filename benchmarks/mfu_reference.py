@@ -14,9 +14,9 @@ weighs on both alike:
     plain peft    get_peft_model(LoRA r=16 alpha=32, every linear layer), loss = model(input_ids,
                   labels=input_ids).loss (the head on every position, as a plain loop computes it), backward,
                   torch's AdamW, zero_grad
-    lora-cli      the model work of a `lora train` step: its adapter (the fused LoRA layer), train.token_loss_sum
-                  on the labelled positions, clipping, its fused AdamW (not the loop's data, finiteness check,
-                  schedule and logging, which this script does not time)
+    lora-cli      a `lora train` step through the loop's own functions: its adapter (the fused LoRA layer),
+                  train.accumulate_gradients (train.token_loss_sum on the labelled positions), the finiteness
+                  check, clipping, its fused AdamW (not the loop's data order, schedule and logging)
 
 Both count the same FLOPs (FLOPS_DOC in speed.py: here every position but each row's first is labelled), over
 the fp32 GEMM peak timed before and after in the same process (the higher of the two).
@@ -59,17 +59,22 @@ def plain_peft_step(model, optimizer):
     return step
 
 
-def lora_cli_step(model, head, optimizer, params, max_grad_norm: float):
-    """One step as lora_cli.train runs it for a single process: summed loss over labelled positions / their count."""
+def lora_cli_step(accelerator, model, head, optimizer, max_grad_norm: float):
+    """One step through the loop's own pieces (lora_cli.train, one process): gradients, the finiteness check,
+    clipping, the optimizer. Not timed here: the loop's data order, schedule and logging."""
     import torch
 
-    from lora_cli.train import count_label_tokens, token_loss_sum
+    from lora_cli.train import accumulate_gradients, count_label_tokens, step_is_finite
+
+    params = [p for p in model.parameters() if p.requires_grad]
 
     def step(input_ids):
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
-        (token_loss_sum(model, head, batch) / count_label_tokens(batch)).backward()
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        optimizer.step()
+        labels = count_label_tokens(batch)
+        loss_total, _ = accumulate_gradients(accelerator, model, head, [batch], labels)
+        if step_is_finite(accelerator, loss_total / labels, params, sharded=False):
+            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
@@ -87,6 +92,7 @@ def main() -> None:
         parser.error("--steps must be >= 1, --warmup >= 0 (>= 1 with --compile: the first step compiles)")
 
     import torch
+    from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
     from lora_cli import adapters
@@ -108,13 +114,12 @@ def main() -> None:
     ours.train()
     if options.compile and not compile_blocks(ours, torch.device("cpu")):
         sys.exit("--compile: torch.compile does not work here (see the message above)")
-    params = [p for p in ours.parameters() if p.requires_grad]
     optimizer, _ = build_optimizer(variant.param_groups(ours, cfg.trainer), cfg.trainer, total)
     ours_name = "lora-cli +compile" if options.compile else "lora-cli"
     loops = {"plain peft": plain_peft_step(plain, torch.optim.AdamW(
                  [p for p in plain.parameters() if p.requires_grad], lr=cfg.trainer.lr)),
-             ours_name: lora_cli_step(ours, ours.get_output_embeddings(), optimizer, params,
-                                       cfg.trainer.max_grad_norm)}
+             ours_name: lora_cli_step(Accelerator(cpu=True), ours, ours.get_output_embeddings(), optimizer,
+                                      cfg.trainer.max_grad_norm)}
     weights = {name: sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
                for name, model in (("plain peft", plain), ("lora-cli", ours))}
     if len(set(weights.values())) != 1:
