@@ -80,7 +80,7 @@ def print_summary(result: dict) -> None:
         ("adapter", f"{result['variant']} r={result['r']}"),
         ("train loss", f"{result['train_loss_first']:.4f} -> {result['train_loss_last']:.4f}"),
         ("eval loss", f"{result['eval_loss_before']:.4f} -> {result['eval_loss_after']:.4f}"),
-        ("tokens/s", f"{result['tokens_per_s']:.0f}"),
+        ("tokens/s", f"{result['tokens_per_s']:.0f} ({result['precision']})"),
         ("wall time", f"{result['wall_time_s']:.1f} s"),
         ("peak memory", memory),
         ("trainable params", f"{result['trainable_params']:,} of {result['total_params']:,} "

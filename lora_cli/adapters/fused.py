@@ -14,8 +14,12 @@ Measured on the speed benchmark's workload (SmolLM2-135M, r=16, all linear layer
 The parameters, their names and the saved adapter are peft's own: this class only replaces `forward`, and
 only where its math is exactly
 peft's (tests/test_fused_lora.py); everything else (merged or disabled adapters, several adapters, DoRA, a
-scale inside the autograd graph as S-LoRA trains it, 4-bit or other non-`nn.Linear` bases, mixed dtypes,
-autocast) goes through peft's forward unchanged. `trainer.fused_lora=false` turns it off.
+scale inside the autograd graph as S-LoRA trains it, 4-bit or other non-`nn.Linear` bases, mixed dtypes) goes
+through peft's forward unchanged. `trainer.fused_lora=false` turns it off.
+
+Under autocast (`trainer.precision=bf16`) every input is cast to autocast's dtype, as autocast casts peft's
+linears: the same GEMMs in bf16, with one rounding fewer (the scale and the add inside the GEMM), so there it
+equals peft to bf16's precision rather than exactly. Paired bf16 steps on the workload above: 2-4% faster.
 """
 
 from __future__ import annotations
@@ -67,8 +71,12 @@ class FusedLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         dropout = self.lora_dropout[name]
         x_dropped = None if isinstance(dropout, nn.Identity) else dropout(x)
-        return LoraLinearFunction.apply(x, x_dropped, self.base_layer.weight, self.base_layer.bias,
-                                        self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name])
+        tensors = (x, x_dropped, self.base_layer.weight, self.base_layer.bias, self.lora_A[name].weight,
+                   self.lora_B[name].weight)
+        if torch.is_autocast_enabled(x.device.type):  # autocast computes peft's linears in its dtype: so does this
+            dtype = torch.get_autocast_dtype(x.device.type)
+            tensors = tuple(None if t is None else t.to(dtype) for t in tensors)
+        return LoraLinearFunction.apply(*tensors, self.scaling[name])
 
     def _fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
         """The single active adapter, if the fused path computes exactly what peft would; else None."""
@@ -81,6 +89,6 @@ class FusedLoraLinear(PeftLoraLinear):
         if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and
                                                                         base.bias.requires_grad):
             return None
-        if x.dtype != base.weight.dtype or x.dtype != self.lora_A[name].weight.dtype:
-            return None
-        return None if torch.is_autocast_enabled(x.device.type) else name
+        if torch.is_autocast_enabled(x.device.type):  # every input is cast to autocast's dtype, as peft's are
+            return name if x.is_floating_point() else None
+        return name if x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype else None
