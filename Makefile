@@ -37,7 +37,8 @@ bench-memory: setup
 	$(BIN)/python benchmarks/memory.py
 
 # lora train vs TRL's SFTTrainer; TRL is a benchmark-only extra (pyproject's `bench`), installed here only.
-# Seed 42 is timed; seeds 1 and 2 retrain both untimed for the eval-loss mean (~40 min on 2 CPUs in all).
+# Seed 42 is timed; seeds 1 and 2 retrain lora-cli (fp32, and bf16 where the CPU has it) and TRL untimed for
+# the eval-loss means (~65 min on 2 CPUs in all with bf16, ~40 without).
 bench-speed: setup
 	$(BIN)/python -c "import trl" 2>/dev/null || $(BIN)/python -m pip install -q -e ".[bench]"
 	$(BIN)/python benchmarks/speed.py --seeds 42,1,2

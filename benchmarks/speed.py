@@ -12,7 +12,9 @@ Each contender runs in its own process, one after the other:
 
 - lora-cli: the `lora train` CLI as users run it (lora_args below, its defaults otherwise, e.g. length-grouped
   steps), twice: with its defaults, and with `trainer.compile=true` (its opt-in for long runs: compiling takes
-  a minute before the first step, reported apart, not in the step times); per-step seconds, non-pad tokens and
+  a minute before the first step, reported apart, not in the step times). Where the CPU multiplies bf16 natively
+  (AVX512-BF16, AMX) and unless --no-bf16, twice more with its opt-in `trainer.precision=bf16` (autocast: fp32
+  weights, bf16 linear layers), whose MFU is also given against the bf16 GEMM peak; per-step seconds, non-pad tokens and
   label tokens come from RUN_DIR/metrics.jsonl, peak RSS from RUN_DIR/run.json; padded tokens from
   metrics.jsonl where the loop logs them, else from the same batches reproduced with
   lora_cli.data.take/micro_batches (checked against the logged token counts).
@@ -55,6 +57,7 @@ import sys
 import tempfile
 import time
 from datetime import date
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +92,11 @@ TRL_DOC = (
 
 # lora-cli as users run it, and with its opt-in compilation (a minute of compiling, then faster steps).
 LORA_CONTENDERS = {"lora-cli": [], "lora-cli +compile": ["trainer.compile=true"]}
+# Its opt-in bf16 autocast (fp32 weights, bf16 linear layers), run where the CPU multiplies bf16 natively.
+BF16_CONTENDERS = {"lora-cli bf16": ["trainer.precision=bf16"],
+                   "lora-cli bf16 +compile": ["trainer.precision=bf16", "trainer.compile=true"]}
+# Trained again at each extra seed (untimed), for the spread of their eval losses.
+SEEDED = {"lora-cli": [], "lora-cli bf16": ["trainer.precision=bf16"]}
 
 
 def lora_args(model: str, total_steps: int, eval_examples: int | None) -> list[str]:
@@ -255,11 +263,11 @@ def eval_worker(spec: dict) -> None:
 # ---------------------------------------------------------------- the benchmark
 
 
-def matmul_peak() -> float:
-    """fp32 FLOP/s of one large square GEMM, best of several, in this process (torch's default threads)."""
+def matmul_peak(dtype: str = "float32") -> float:
+    """FLOP/s of one large square GEMM in `dtype`, best of several, in this process (torch's default threads)."""
     import torch
 
-    a, b = torch.randn(GEMM_SIZE, GEMM_SIZE), torch.randn(GEMM_SIZE, GEMM_SIZE)
+    a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE).to(getattr(torch, dtype)) for _ in range(2))
     torch.mm(a, b)  # warm-up
     best = math.inf
     for _ in range(GEMM_REPEATS):
@@ -330,7 +338,7 @@ def step_flops(step: dict, c: dict) -> float:
     return sum(step_flops_by_kernel(step, c).values())
 
 
-def summarise(steps: list[dict], warmup: int, constants: dict, peak: float) -> dict:
+def summarise(steps: list[dict], warmup: int, constants: dict, peak: float, bf16_peak: float | None) -> dict:
     timed = steps[warmup:]
     seconds = sum(s["seconds"] for s in timed)
     total = {k: sum(s[k] for s in timed) for k in ("tokens", "trained_tokens", "padded_tokens")}
@@ -342,22 +350,27 @@ def summarise(steps: list[dict], warmup: int, constants: dict, peak: float) -> d
             "padded_tokens_per_s": total["padded_tokens"] / seconds,
             "useful_tokens_per_step": total["tokens"] / len(timed),
             "padded_tokens_per_step": total["padded_tokens"] / len(timed),
-            "flops_per_step": flops / len(timed), "flops_per_s": flops / seconds, "mfu": flops / seconds / peak}
+            "flops_per_step": flops / len(timed), "flops_per_s": flops / seconds, "mfu": flops / seconds / peak,
+            "mfu_bf16": flops / seconds / bf16_peak if bf16_peak else None}
 
 
 COLUMNS = [("useful tok/s", "useful_tokens_per_s", "{:.1f}"), ("trained tok/s", "trained_tokens_per_s", "{:.1f}"),
            ("padded tok/s", "padded_tokens_per_s", "{:.1f}"), ("s/step", "s_per_step", "{:.3f}"),
            ("peak RSS GiB", "peak_rss_gib", "{:.2f}"), ("eval loss", "eval_loss", "{:.4f}"),
-           ("GFLOP/s", "gflops_per_s", "{:.1f}"), ("MFU", "mfu", "{:.1%}")]
+           ("GFLOP/s", "gflops_per_s", "{:.1f}"), ("MFU", "mfu", "{:.1%}"), ("MFU of bf16", "mfu_bf16", "{:.1%}")]
+
+
+def cell(value, fmt: str) -> str:
+    return "-" if value is None else fmt.format(value)
 
 
 def print_table(rows: dict[str, dict], ratios: dict[str, dict]) -> None:
     width = max(len(f"{name} / TRL") for name in [*rows, *ratios]) + 2
     print(f"{'':{width}}" + "".join(f"{title:>15}" for title, _, _ in COLUMNS))
     for name, row in rows.items():
-        print(f"{name:{width}}" + "".join(f"{fmt.format(row[key]):>15}" for _, key, fmt in COLUMNS))
+        print(f"{name:{width}}" + "".join(f"{cell(row[key], fmt):>15}" for _, key, fmt in COLUMNS))
     for name, ratio in ratios.items():
-        print(f"{name + ' / TRL':{width}}" + "".join(f"{ratio[key]:>14.2f}x" for _, key, _ in COLUMNS))
+        print(f"{name + ' / TRL':{width}}" + "".join(f"{cell(ratio[key], '{:.2f}x'):>15}" for _, key, _ in COLUMNS))
 
 
 def plot(rows: dict[str, dict], title: str, path: Path) -> None:
@@ -366,12 +379,14 @@ def plot(rows: dict[str, dict], title: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, colors = list(rows), ["tab:blue", "tab:cyan", "tab:orange"][-len(rows):]
+    names = list(rows)
+    colors = ["tab:orange" if name == "TRL" else "tab:cyan" if "compile" in name else "tab:blue" for name in names]
     fig, axes = plt.subplots(1, 2, figsize=(9, 4))
     for ax, key, label in ((axes[0], "useful_tokens_per_s", "useful (non-pad) tokens / s"),
                            (axes[1], "peak_rss_gib", "peak RSS (GiB)")):
         values = [rows[n][key] for n in names]
-        bars = ax.bar(names, values, color=colors)
+        bars = ax.bar(range(len(names)), values, color=colors)
+        ax.set_xticks(range(len(names)), [name.replace(" ", "\n") for name in names], fontsize=8)
         ax.bar_label(bars, fmt="%.2f" if key == "peak_rss_gib" else "%.0f")
         ax.set_title(label)
         ax.set_ylim(0, max(values) * 1.15)
@@ -420,28 +435,48 @@ def versions() -> dict:
     return {name: version(name) for name in ("torch", "transformers", "peft", "accelerate", "trl", "lora-cli")}
 
 
-def other_seeds(options, args: list[str], work: Path) -> dict[str, str]:
-    """Eval loss only: lora-cli (defaults) and TRL trained again at each seed after the first, untimed. At 33
-    steps the sample of examples a run sees moves its eval loss by a few percent, so one seed says little."""
+def other_seeds(options, args: list[str], seeded_loras: dict[str, list[str]], work: Path) -> dict[str, str]:
+    """Eval loss only: lora-cli (defaults, and bf16 where run) and TRL trained again at each seed after the first,
+    untimed. At 33 steps the sample of examples a run sees moves its eval loss by a few percent, so one seed says
+    little."""
     adapters = {}
     for seed in options.seeds[1:]:
         seeded = [*args, f"trainer.seed={seed}"]
-        print(f"seed {seed}: lora-cli and TRL, untimed", flush=True)
-        adapters[f"lora-cli@{seed}"] = lora_contender(seeded, work, f"lora-seed{seed}")["adapter"]
+        print(f"seed {seed}: {', '.join(seeded_loras)} and TRL, untimed", flush=True)
+        for name, extra in seeded_loras.items():
+            folder = f"lora-seed{seed}" + "".join(f"-{e.split('=')[1]}" for e in extra)
+            adapters[f"{name}@{seed}"] = lora_contender(seeded + extra, work, folder)["adapter"]
         worker("trl", {"overrides": seeded, "out": str(work / f"trl-seed{seed}"),
                        "trl_group_by_length": options.trl_group_by_length}, work, f"trl-seed{seed}")
         adapters[f"TRL@{seed}"] = str(work / f"trl-seed{seed}" / "adapter")
     return adapters
 
 
-def seed_spread(seeds: list[int], eval_loss: dict[str, float]) -> dict | None:
-    """Per-seed eval losses of lora-cli (defaults) and TRL, their means and the ratio of the means."""
+def seed_spread(seeds: list[int], names: list[str], eval_loss: dict[str, float]) -> dict | None:
+    """Per-seed eval losses of the seeded contenders, their means and each mean over TRL's."""
     if len(seeds) < 2:
         return None
-    losses = {name: [eval_loss[name]] + [eval_loss[f"{name}@{seed}"] for seed in seeds[1:]]
-              for name in ("lora-cli", "TRL")}
+    losses = {name: [eval_loss[name]] + [eval_loss[f"{name}@{seed}"] for seed in seeds[1:]] for name in names}
     mean = {name: sum(values) / len(values) for name, values in losses.items()}
-    return {"seeds": seeds, "eval_loss": losses, "mean": mean, "ratio": mean["lora-cli"] / mean["TRL"]}
+    return {"seeds": seeds, "eval_loss": losses, "mean": mean,
+            "ratio": {name: mean[name] / mean["TRL"] for name in names if name != "TRL"}}
+
+
+def between_peaks(run, dtypes: list[str]) -> tuple[dict, dict[str, list[float]]]:
+    """run()'s result, and the GEMM peak in each dtype right before and right after it: the host's speed drifts."""
+    before = {dtype: matmul_peak(dtype) for dtype in dtypes}
+    result = run()
+    return result, {dtype: [before[dtype], matmul_peak(dtype)] for dtype in dtypes}
+
+
+def lora_contenders(options) -> dict[str, list[str]]:
+    """lora-cli's timed configurations: the bf16 ones only where this CPU multiplies bf16 natively."""
+    from lora_cli.train import cpu_has_bf16
+
+    if options.no_bf16 or not cpu_has_bf16():
+        print("no bf16 contenders: " + ("--no-bf16" if options.no_bf16 else "this CPU has no bf16 instructions"))
+        return LORA_CONTENDERS
+    return LORA_CONTENDERS | BF16_CONTENDERS
 
 
 def benchmark(options) -> None:
@@ -450,23 +485,25 @@ def benchmark(options) -> None:
     total = options.warmup + options.steps
     unseeded = lora_args(options.model, total, options.eval_examples) + options.lora_arg
     args = [*unseeded, f"trainer.seed={options.seeds[0]}"]
-    peaks = {}  # the GEMM peak right before and right after each timed contender: the host's speed drifts
+    configurations = lora_contenders(options)
+    peaks, bf16_peaks = {}, {}  # fp32 (every contender) and bf16 (bf16 contenders) GEMM peaks, before and after
     with tempfile.TemporaryDirectory(prefix="lora-speed-") as tmp:
         work = Path(options.keep) if options.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         loras = {}
-        for name, extra in LORA_CONTENDERS.items():
+        for name, extra in configurations.items():
             print(f"lora train {' '.join(args + extra)}", flush=True)
-            before = matmul_peak()
-            loras[name] = lora_contender(args + extra, work, name.replace(" ", "_").replace("+", ""))
-            peaks[name] = [before, matmul_peak()]
+            folder = name.replace(" ", "_").replace("+", "")
+            dtypes = ["float32", "bfloat16"] if name in BF16_CONTENDERS else ["float32"]
+            loras[name], measured = between_peaks(partial(lora_contender, args + extra, work, folder), dtypes)
+            peaks[name], bf16_peaks[name] = measured["float32"], measured.get("bfloat16")
         print(f"TRL SFTTrainer, {total} steps", flush=True)
-        before = matmul_peak()
-        trl = worker("trl", {"overrides": args, "out": str(work / "trl"),
-                             "trl_group_by_length": options.trl_group_by_length}, work)
-        peaks["TRL"] = [before, matmul_peak()]
+        trl_spec = {"overrides": args, "out": str(work / "trl"), "trl_group_by_length": options.trl_group_by_length}
+        trl, measured = between_peaks(partial(worker, "trl", trl_spec, work), ["float32"])
+        peaks["TRL"], bf16_peaks["TRL"] = measured["float32"], None
         adapters = {name: result["adapter"] for name, result in loras.items()} | {"TRL": str(work / "trl" / "adapter")}
-        adapters |= other_seeds(options, unseeded, work)
+        seeded = {name: extra for name, extra in SEEDED.items() if name in configurations}
+        adapters |= other_seeds(options, unseeded, seeded, work)
         print("common evaluation of every adapter", flush=True)
         evaluation = worker("eval", {"overrides": args, "out": str(work), "adapters": adapters}, work)
     contenders = loras | {"TRL": trl}
@@ -481,21 +518,27 @@ def benchmark(options) -> None:
     constants = evaluation["flops"]
     rows = {}
     for name, result in contenders.items():
-        rows[name] = summarise(result["steps"], options.warmup, constants, max(peaks[name])) | {
+        bf16_peak = max(bf16_peaks[name]) if bf16_peaks[name] else None
+        rows[name] = summarise(result["steps"], options.warmup, constants, max(peaks[name]), bf16_peak) | {
             "peak_rss": result["peak_rss"], "peak_rss_gib": result["peak_rss"] / GIB,
             "eval_loss": evaluation["eval_loss"][name]}
         rows[name]["gflops_per_s"] = rows[name]["flops_per_s"] / 1e9
-    ratios = {name: {key: rows[name][key] / rows["TRL"][key] for _, key, _ in COLUMNS} for name in loras}
+    ratios = {name: {key: rows[name][key] / rows["TRL"][key] if rows["TRL"][key] else None for _, key, _ in COLUMNS}
+              for name in loras}
 
     machine = machine_name(options)
     threads = torch.get_num_threads()
-    title = (f"{options.model}, Banking77 train, LoRA r=16 all-linear, batch 16, max len 256, fp32 CPU "
+    title = (f"{options.model}, Banking77 train, LoRA r=16 all-linear, batch 16, max len 256; CPU fp32 (bf16 rows: "
+             "autocast) "
              f"({threads} threads), {options.steps} timed steps after {options.warmup} warm-up; "
              f"{date.today()} {machine}")
     print(f"\n{title}")
     print(f"fp32 matmul peak ({GEMM_SIZE}x{GEMM_SIZE} GEMM, best of {GEMM_REPEATS}) right before and after each "
           "contender, GFLOP/s: " + "; ".join(f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, (a, b) in peaks.items())
           + " (each contender's MFU is against the higher of its two)")
+    print("bf16 matmul peak, the same way, GFLOP/s: " + "; ".join(
+        f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, pair in bf16_peaks.items() if pair for a, b in [pair])
+          + " (the bf16 rows' 'MFU of bf16': their FLOP/s over the higher of the two)")
     print(f"{FLOPS_DOC}\nconstants: " + ", ".join(f"{k}={v:,}" for k, v in constants.items()) + "\n")
     print_table(rows, ratios)
     print()
@@ -506,14 +549,15 @@ def benchmark(options) -> None:
     compiled = {name: r["compile_s"] for name, r in loras.items() if r["compile_s"] is not None}
     for name, seconds in compiled.items():
         print(f"{name}: compiling took {seconds:.0f} s before the first step (once per run; not in the step times)")
-    seeds = seed_spread(options.seeds, evaluation["eval_loss"])
+    seeds = seed_spread(options.seeds, [*seeded, "TRL"], evaluation["eval_loss"])
     if seeds:
         print(f"\neval loss over seeds {', '.join(map(str, options.seeds))} (the first is the timed run; the others "
               "train the same steps untimed, each contender with trainer.seed=S):")
         for name, losses in seeds["eval_loss"].items():
             print(f"  {name}: " + ", ".join(f"{loss:.4f}" for loss in losses)
                   + f"; mean {seeds['mean'][name]:.4f}")
-        print(f"  lora-cli / TRL, means: {seeds['ratio']:.3f}x")
+        for name, ratio in seeds["ratio"].items():
+            print(f"  {name} / TRL, means: {ratio:.3f}x")
     checks = [line for name, lora in loras.items() for line in consistency(name, lora, trl, evaluation)]
     print("\n".join(f"check: {line}" for line in dict.fromkeys(checks)))
 
@@ -524,12 +568,12 @@ def benchmark(options) -> None:
         "torch_threads": threads, "versions": versions(), "model": options.model,
         "steps": options.steps, "warmup": options.warmup, "eval_examples": evaluation["eval"]["examples"],
         "trl_group_by_length": options.trl_group_by_length, "extra_overrides": options.lora_arg,
-        "lora_commands": {name: "lora train " + " ".join(args + extra) for name, extra in LORA_CONTENDERS.items()},
+        "lora_commands": {name: "lora train " + " ".join(args + extra) for name, extra in configurations.items()},
         "compile_s": compiled,
         "trl": {k: trl[k] for k in ("sft_config", "lora_config", "effective")},
         "trl_doc": TRL_DOC, "flops_formula": FLOPS_DOC, "flops_constants": constants,
-        "matmul_peaks_before_after": peaks,
-        "gemm": f"{GEMM_SIZE}x{GEMM_SIZE} fp32, best of {GEMM_REPEATS}",
+        "matmul_peaks_before_after": peaks, "bf16_matmul_peaks_before_after": bf16_peaks,
+        "gemm": f"{GEMM_SIZE}x{GEMM_SIZE}, best of {GEMM_REPEATS}",
         "contenders": rows, "ratios_over_trl": ratios, "checks": checks, "seeds": seeds,
         "steps_detail": {name: result["steps"] for name, result in contenders.items()},
     }
@@ -573,6 +617,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")], default=[42],
                         help="comma-separated training seeds; the first is the timed run, the others only retrain "
                              "lora-cli and TRL (untimed) for the eval-loss mean (each ~9 min on 2 CPUs)")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16 autocast contenders")
     parser.add_argument("--tag", default=None, help="appended to the result file names (ablations)")
     add_result_options(parser)
     parser.add_argument("--keep", type=Path, default=None, help="keep run dirs, adapters and logs in this folder")
