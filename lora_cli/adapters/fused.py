@@ -79,7 +79,8 @@ class FusedLoraLinear(PeftLoraLinear):
         return LoraLinearFunction.apply(*tensors, self.scaling[name])
 
     def _fusable_adapter(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
-        """The single active adapter, if the fused path computes exactly what peft would; else None."""
+        """The single active adapter, if the fused path computes what peft would (exactly; to autocast's rounding
+        under autocast); else None."""
         if args or kwargs or self.disable_adapters or self.merged or len(self.active_adapters) != 1:
             return None
         name = self.active_adapters[0]
