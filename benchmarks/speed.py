@@ -536,8 +536,9 @@ def benchmark(options) -> None:
     print(f"fp32 matmul peak ({GEMM_SIZE}x{GEMM_SIZE} GEMM, best of {GEMM_REPEATS}) right before and after each "
           "contender, GFLOP/s: " + "; ".join(f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, (a, b) in peaks.items())
           + " (each contender's MFU is against the higher of its two)")
-    print("bf16 matmul peak, the same way, GFLOP/s: " + "; ".join(
-        f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, pair in bf16_peaks.items() if pair for a, b in [pair])
+    measured_bf16 = {name: pair for name, pair in bf16_peaks.items() if pair}
+    print("bf16 matmul peak, the same way, GFLOP/s: "
+          + "; ".join(f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, (a, b) in measured_bf16.items())
           + " (the bf16 rows' 'MFU of bf16': their FLOP/s over the higher of the two)")
     print(f"{FLOPS_DOC}\nconstants: " + ", ".join(f"{k}={v:,}" for k, v in constants.items()) + "\n")
     print_table(rows, ratios)

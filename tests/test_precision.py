@@ -1,10 +1,10 @@
-"""`trainer.precision=bf16` on a CPU: bf16 autocast (the linear layers in bf16; the weights, the optimizer, attention
-and the loss in fp32), used where the CPU multiplies bf16 natively, fp32 with a message elsewhere.
+"""`trainer.precision=bf16` on a CPU: bf16 autocast (the linear layers in bf16; the weights, the optimizer, attention,
+LoRA's delta and the loss in fp32), used where the CPU multiplies bf16 natively, fp32 with a message elsewhere.
 
 bf16 is not exact: these tests hold it to fp32 within a stated tolerance (losses within 1%, each trained adapter
-tensor within 10% in norm), and check each piece that keeps it close: attention in fp32, the fused LoRA layer in
-autocast's dtype. Where this CPU has no bf16 instructions, the tests make lora-cli use autocast anyway: oneDNN
-emulates bf16 there, slower, with the same numbers."""
+tensor within 10% in norm), and check each piece that keeps it close: attention in fp32 here, the fused LoRA
+layer's fp32 delta in test_fused_lora.py. Where this CPU has no bf16 instructions, the tests make lora-cli use
+autocast anyway: oneDNN emulates bf16 there, slower, with the same numbers."""
 
 from __future__ import annotations
 

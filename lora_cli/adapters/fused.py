@@ -68,7 +68,8 @@ class LoraLinearFunction(torch.autograd.Function):
 
 
 class FusedLoraLinear(PeftLoraLinear):
-    """peft's LoRA `Linear`, whose forward takes `LoraLinearFunction` where that is exactly peft's math."""
+    """peft's LoRA `Linear`, whose forward takes `LoraLinearFunction` where that is peft's math (exactly; under
+    autocast, with LoRA's delta in fp32)."""
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         name = self._fusable_adapter(x, args, kwargs)
@@ -95,6 +96,6 @@ class FusedLoraLinear(PeftLoraLinear):
         if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and
                                                                         base.bias.requires_grad):
             return None
-        if torch.is_autocast_enabled(x.device.type):  # every input is cast to autocast's dtype, as peft's are
+        if torch.is_autocast_enabled(x.device.type):  # forward casts what autocast would, whatever x's float dtype
             return name if x.is_floating_point() else None
         return name if x.dtype == base.weight.dtype == self.lora_A[name].weight.dtype else None
