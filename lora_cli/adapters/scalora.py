@@ -396,9 +396,12 @@ class ScaLora(Lora):
             if layer.use_dora.get(name, False) or not hasattr(layer.get_base_layer(), "weight"):
                 raise UserError(f"adapter=scalora cannot rescale {key}: DoRA or a non-linear base layer")
             hold_in_fp32(layer.get_base_layer())
-        self.pristine_sha256 = weights_sha256(base_weights(model))
+        weights = base_weights(model)
         probe = next(iter(layers))
-        self.probe = (probe, base_weights(model)[probe].clone())
+        if weights[probe].is_meta:  # `lora train --dry-run` plans on the architecture alone: nothing to hash
+            return model
+        self.pristine_sha256 = weights_sha256(weights)
+        self.probe = (probe, weights[probe].clone())
         return model
 
     def before_clip(self, model, optimizer, step: int) -> dict:

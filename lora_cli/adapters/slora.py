@@ -97,8 +97,7 @@ class SLoraScales(nn.Module):
     the blocks, if any are adapted, keep their own θ in `log_scale` (absent otherwise, so exactly 2 parameters).
     """
 
-    def __init__(self, cfg: SLoraScaleConfig, groups: list[ScaleGroup], members: dict[str, int], n_blocks: int,
-                 device=None):
+    def __init__(self, cfg: SLoraScaleConfig, groups: list[ScaleGroup], members: dict[str, int], n_blocks: int):
         super().__init__()
         self.mode = cfg.mode
         self.groups = groups
@@ -110,21 +109,21 @@ class SLoraScales(nn.Module):
             # Groups are ordered blocks first, so group i < n_global is a block and the rest index log_scale.
             self.n_global = len(in_blocks)
             self.positions = [block_position(g.block, n_blocks) for g in in_blocks]
-            self.log_scale_global = self._param(global_init(cfg), cfg.learnable, device)
+            self.log_scale_global = self._param(global_init(cfg), cfg.learnable)
             logs = [math.log(schedule_value(cfg, None, n_blocks))] * len(outside)
         else:
             self.n_global = 0
             self.positions = []
             logs = [math.log(schedule_value(cfg, g.block, n_blocks)) for g in groups]
         if logs:
-            self.log_scale = self._param(logs, cfg.learnable, device)
+            self.log_scale = self._param(logs, cfg.learnable)
         # θ as initialised: bounds are relative to each group's own initial value.
         self.start = {name: p.detach().clone() for name, p in self.named_parameters()}
         self.initial = self.values().detach().tolist()
 
     @staticmethod
-    def _param(values, learnable: bool, device) -> nn.Parameter:
-        return nn.Parameter(torch.tensor(list(values), dtype=torch.float32, device=device), requires_grad=learnable)
+    def _param(values, learnable: bool) -> nn.Parameter:
+        return nn.Parameter(torch.tensor(list(values), dtype=torch.float32), requires_grad=learnable)
 
     def value(self, group: int) -> torch.Tensor:
         """s of one group as a 0-dim tensor (differentiable in the scale parameters)."""
@@ -178,7 +177,9 @@ def attach_scales(peft_model, cfg: SLoraScaleConfig, n_blocks: int) -> SLoraScal
     layers = lora_layers(peft_model)
     groups, members = scale_groups(list(layers), cfg.granularity)
     device = next(iter(layers.values())).lora_A[ADAPTER].weight.device
-    scales = SLoraScales(cfg, groups, members, n_blocks, device=device)
+    # Built on the CPU, where its initial values can be read, then moved beside the LoRA weights (which are on
+    # the meta device for `lora train --dry-run`).
+    scales = SLoraScales(cfg, groups, members, n_blocks).to(device)
     # On the LoraModel, not the transformers model: merge_and_unload returns the latter, free of it.
     peft_model.base_model.add_module("slora", scales)
     for name, layer in layers.items():
