@@ -97,6 +97,16 @@ def peak_memory() -> dict[str, float]:
     return peak
 
 
+def resident_memory() -> int:
+    """This process's resident memory now, in bytes; its peak where /proc is missing (macOS). A peak would count
+    what a step before took once and gave back, such as converting the embedded GGUF on a first run."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return int(peak_memory()["RSS"])
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+
+
 def plot_loss(train_loss: list[tuple[int, float]], eval_loss: list[tuple[int, float]], path: Path) -> None:
     import matplotlib
 

@@ -9,7 +9,7 @@ import math
 import time
 
 from lora_cli import adapters
-from lora_cli.artifacts import peak_memory
+from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
 from lora_cli.models import load_tokenizer, resolve_checkpoint
@@ -41,13 +41,12 @@ def matmul_gflops() -> float:
     return 2 * 1024**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
-def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_labels: int) -> int:
-    """On a CPU, what this process holds already (Python, torch, the tokenizer and the data: a training
-    process holds them too, before its weights; on a GPU the estimate is of GPU memory) + weights + adapter
+def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_labels: int, held: int) -> int:
+    """`held` (on a CPU, what the process holds before any weight: Python, torch, the tokenizer and the data; 0 on
+    a GPU, whose memory the estimate is of) + weights + adapter
     training state (param, grad, two AdamW moments) + activations of the longest micro-batch (a rough
     per-token, per-block count for a Llama-style block, fp32) + the output head's outputs on labelled
     positions, which are all it computes (in training or in eval, whichever holds more)."""
-    import torch
     from peft.tuners.lora import LoraLayer
 
     config = model.config
@@ -65,14 +64,20 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
     # The head's output on labelled positions: a training micro-batch holds the logits, the log-probabilities and
     # their gradient; an eval batch (often larger, no gradient) the logits and the log-probabilities.
     head = most_labels * config.vocab_size * 4 * max(3 * cfg.trainer.batch_size, 2 * cfg.trainer.eval_batch_size)
-    runtime = 0 if torch.cuda.is_available() else peak_memory()["RSS"]
-    return int(runtime + weights + 16 * trainable + activations + head)
+    return int(held + weights + 16 * trainable + activations + head)
 
 
 def plan(cfg: RunConfig) -> dict:
+    import torch
+
+    # What resolving takes is left out of the estimate: on a first run it converts the embedded GGUF (or builds the
+    # random model) into the cache, once, and a training process then loads the cache instead.
+    before = resident_memory()
     checkpoint = resolve_checkpoint(cfg.model)
+    resolving = max(0, resident_memory() - before)
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     train_split, eval_split, _ = prepare(cfg.dataset, tokenizer)
+    held = 0 if torch.cuda.is_available() else resident_memory() - resolving
     step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * cfg.trainer.num_processes
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
     model = adapters.build(cfg.adapter, cfg.trainer, steps).apply(meta_model(checkpoint, cfg))
@@ -100,7 +105,7 @@ def plan(cfg: RunConfig) -> dict:
                                                                           2),
         "trainable_params": trainable, "total_params": total,
         "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest, max(
-            predicted_labels(e) for e in train_split.examples + eval_split.examples)),
+            predicted_labels(e) for e in train_split.examples + eval_split.examples), held),
         "train_seconds": math.ceil(flops / speed / cfg.trainer.num_processes),
         "evals": evals, "eval_seconds": math.ceil(eval_flops / speed),
     }
