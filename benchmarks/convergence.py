@@ -138,7 +138,8 @@ def base_overrides(options) -> list[str]:
             f"dataset.max_eval_examples={options.eval_examples}",
             f"dataset.max_train_examples={options.steps * BATCH}",
             f"trainer.batch_size={BATCH}", f"trainer.max_steps={options.steps}",
-            f"trainer.eval_every={options.eval_every}"]
+            f"trainer.eval_every={options.eval_every}",
+            "trainer.precision=fp32"]  # every method alike: auto would take bf16 for LoRA alone where the CPU has it
 
 
 def adapter_overrides(options, method: str, lr: float, L: float | None) -> list[str]:

@@ -19,7 +19,8 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-CONTENDERS = {"lora": ["adapter=lora"], "qlora": ["adapter=qlora"]}
+# Both in fp32: trainer.precision=auto would take bf16 autocast for LoRA alone where the CPU has it.
+CONTENDERS = {"lora": ["adapter=lora", "trainer.precision=fp32"], "qlora": ["adapter=qlora", "trainer.precision=fp32"]}
 # Measured inside the training process's twin: the same loading code, the weights' storage bytes.
 WEIGHT_BYTES = """
 from lora_cli.config import compose

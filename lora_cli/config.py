@@ -17,7 +17,7 @@ MODEL_SOURCES = ("embedded", "random", "pretrained")
 DTYPES = ("float32", "bfloat16", "float16")
 DATASET_FORMATS = ("messages", "columns")
 SCHEDULES = ("cosine", "linear", "constant")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TASK_METRICS = ("exact_match", "token_f1")
 LABEL_MODES = ("generate", "constrained", "score")
 ADAPTERS = ("lora", "slora", "qlora", "scalora")
@@ -240,7 +240,7 @@ class TrainerConfig:
     eval_every: int = 50
     eval_batch_size: int = 16
     seed: int = 42
-    precision: str = "fp32"
+    precision: str = "auto"  # see train.auto_takes_bf16
     eval_at_end: bool = False  # also run `lora eval` (task metric) when training ends; sweeps report it
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     # Steps of similar-length examples (little padding), in random order; false: plain shuffled batches.

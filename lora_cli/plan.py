@@ -13,7 +13,7 @@ from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
 from lora_cli.models import load_tokenizer, resolve_checkpoint
-from lora_cli.train import is_eval_step, predicted_labels, total_steps
+from lora_cli.train import is_eval_step, mixed_precision, precision_name, predicted_labels, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -97,6 +97,7 @@ def plan(cfg: RunConfig) -> dict:
     longest = max(len(e["input_ids"]) for e in train_split.examples)
     return {
         "model": checkpoint.model_id, "adapter": f"{cfg.adapter.name} r={cfg.adapter.r}",
+        "precision": f"{precision_name(mixed_precision(cfg))} (trainer.precision={cfg.trainer.precision})",
         "train_examples": len(train_split.examples), "eval_examples": len(eval_split.examples),
         "train_tokens": train_split.tokens, "label_tokens": train_split.label_tokens,
         "truncated": train_split.truncated + eval_split.truncated,

@@ -54,7 +54,7 @@ def print_plan(plan: dict) -> None:
     table.add_column(style="bold")
     table.add_column()
     rows = [
-        ("model", plan["model"]), ("adapter", plan["adapter"]),
+        ("model", plan["model"]), ("adapter", plan["adapter"]), ("precision", plan["precision"]),
         ("examples", f"{plan['train_examples']:,} train, {plan['eval_examples']:,} eval "
                      f"({plan['truncated']} truncated, {plan['dropped']} dropped; longest {plan['longest']} tokens)"),
         ("tokens", f"{plan['train_tokens']:,} train tokens, {plan['label_tokens']:,} with labels"),
@@ -63,7 +63,7 @@ def print_plan(plan: dict) -> None:
                              f"({100 * plan['trainable_params'] / plan['total_params']:.2f}%)"),
         ("peak memory", f"~{format_bytes(plan['peak_memory_bytes'])} (estimate)"),
         ("time", f"~{format_seconds(plan['train_seconds'])} training, ~{format_seconds(plan['eval_seconds'])} for "
-                 f"{plan['evals']} evals (estimate from this machine's measured matmul speed)"),
+                 f"{plan['evals']} evals (estimate from this machine's measured fp32 matmul speed)"),
     ]
     for name, value in rows:
         table.add_row(name, value)

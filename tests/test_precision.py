@@ -1,5 +1,6 @@
-"""`trainer.precision=bf16` on a CPU: bf16 autocast (the linear layers in bf16; the weights, the optimizer, attention,
-LoRA's delta and the loss in fp32), used where the CPU multiplies bf16 natively, fp32 with a message elsewhere.
+"""`trainer.precision=bf16`, and `auto` (the default) where it picks bf16, on a CPU: bf16 autocast (the linear
+layers in bf16; the weights, the optimizer, attention, LoRA's delta and the loss in fp32), used where the CPU
+multiplies bf16 natively, fp32 elsewhere (with a message when bf16 was asked for).
 
 bf16 is not exact: these tests hold it to fp32 within a stated tolerance (losses within 1%, each trained adapter
 tensor within 10% in norm), and check each piece that keeps it close: attention in fp32 here, the fused LoRA
@@ -12,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, lora, read_metrics
+from conftest import TINY_ANY_PRECISION, lora, read_metrics
 from test_exactness import LENGTHS, examples, tiny_model
 
 from lora_cli import train
@@ -38,7 +39,7 @@ def test_bf16_trains_like_fp32_within_tolerance(tmp_path, monkeypatch):
     runs = {}
     for precision in ("fp32", "bf16"):
         run_dir = tmp_path / precision
-        proc = lora("train", "recipe=banking_support", *TINY, f"trainer.precision={precision}",
+        proc = lora("train", "recipe=banking_support", *TINY_ANY_PRECISION, f"trainer.precision={precision}",
                     f"hydra.run.dir={run_dir}")
         assert proc.returncode == 0, proc.stderr
         assert run_result(run_dir)["precision"] == precision
@@ -59,11 +60,41 @@ def test_bf16_trains_like_fp32_within_tolerance(tmp_path, monkeypatch):
 
 def test_without_bf16_instructions_it_says_so_and_trains_in_fp32(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "cpu_has_bf16", lambda: False)
-    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=2", "trainer.precision=bf16",
+    proc = lora("train", "recipe=banking_support", *TINY_ANY_PRECISION, "trainer.max_steps=2", "trainer.precision=bf16",
                 f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert "trainer.precision=bf16 needs a CUDA GPU or a CPU with bf16 instructions" in proc.stdout + proc.stderr
     assert run_result(tmp_path)["precision"] == "fp32"
+
+
+def test_auto_takes_bf16_for_fused_lora_on_bf16_hardware_and_fp32_elsewhere(tmp_path, monkeypatch):
+    """trainer.precision=auto, the default, through the CLI: bf16 for plain LoRA (fused layer, fp32 base) where the
+    CPU has bf16 instructions, without the fallback message; fp32 where peft's forward, which rounds LoRA's delta to
+    bf16, would compute the adapter (S-LoRA), and fp32 on a CPU without bf16. The dry-run's plan says which."""
+    cases = [([], True, "bf16"), (["adapter=slora"], True, "fp32"), (["trainer.fused_lora=false"], True, "fp32"),
+             ([], False, "fp32")]
+    for i, (extra, has_bf16, trained) in enumerate(cases):
+        monkeypatch.setattr(train, "cpu_has_bf16", lambda has_bf16=has_bf16: has_bf16)
+        args = ["train", "recipe=banking_support", *TINY_ANY_PRECISION, "trainer.max_steps=2", *extra]
+        proc = lora(*args, f"hydra.run.dir={tmp_path / str(i)}")
+        assert proc.returncode == 0, proc.stderr
+        assert run_result(tmp_path / str(i))["precision"] == trained, (extra, has_bf16)
+        assert "needs a CUDA GPU" not in proc.stdout + proc.stderr
+        plan = lora(*args, "--dry-run")
+        assert f"{trained} (trainer.precision=auto)" in plan.stdout, (extra, has_bf16)
+
+
+def test_auto_keeps_fp32_for_every_layer_the_fused_path_does_not_compute(monkeypatch):
+    """The rest of auto's rule, on composed configs: 4-bit bases, DoRA, ScaLoRA, a bf16 base and sharding launchers
+    train in fp32 even on bf16 hardware."""
+    from lora_cli.config import compose
+
+    monkeypatch.setattr(train, "cpu_has_bf16", lambda: True)
+    base = ["recipe=banking_support", "model=tiny_llama"]
+    assert train.auto_takes_bf16(compose(base))
+    for extra in (["adapter=qlora"], ["adapter.use_dora=true"], ["adapter=scalora"], ["model.dtype=bfloat16"],
+                  ["trainer.launcher=fsdp", "trainer.num_processes=2"]):
+        assert not train.auto_takes_bf16(compose(base + extra)), extra
 
 
 def test_attention_in_fp32_is_sdpa_on_fp32_inputs():
