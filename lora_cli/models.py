@@ -266,10 +266,14 @@ def attention_in_fp32(model) -> None:
     AVX512-BF16 EPYC) its forward and backward took ~0.36 s of a 2.0 s bf16 step, in fp32 ~0.12 s, for ~1% of
     the step's FLOPs. Paired steps: 1.2x faster, the loss as close to fp32's. Registered under a name of our own
     through transformers' AttentionInterface, with SDPA's masks (padding, and packed examples kept apart): a name
-    without a mask function of its own gets no mask at all."""
+    without a mask function of its own gets no mask at all. Only a model that runs SDPA is switched, to the same
+    attention in fp32; one on eager attention (a model without SDPA support, or a user's choice), flash
+    attention or its own kernels keeps it."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+    if model.config._attn_implementation != "sdpa":
+        return
     AttentionInterface.register(FP32_ATTENTION, _sdpa_in_fp32)
     AttentionMaskInterface.register(FP32_ATTENTION, sdpa_mask)
     model.set_attn_implementation(FP32_ATTENTION)

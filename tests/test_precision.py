@@ -133,6 +133,20 @@ def test_the_registered_attention_masks_as_sdpa_does(layout):
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
+def test_only_a_model_on_sdpa_gets_the_fp32_attention():
+    """A model on another attention (eager here: what a model without SDPA support runs) keeps its own, which
+    may do what SDPA does not (soft-capping, sliding windows); the default bf16 must not swap it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sdpa = tiny_model()
+    attention_in_fp32(sdpa)
+    assert sdpa.config._attn_implementation == FP32_ATTENTION
+    eager = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager"))
+    attention_in_fp32(eager)
+    assert eager.config._attn_implementation == "eager"
+
+
 def test_a_model_with_fp32_attention_stays_close_to_fp32():
     """The whole model under bf16 autocast with attention in fp32: its loss within 1% of the fp32 model's."""
     batch = micro_batches(examples(LENGTHS), 8, 0, 1, 0, None)[0]
