@@ -14,10 +14,14 @@ from conftest import LORA, TINY, compose_run, lora, read_metrics
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 
+from lora_cli.train import cpu_has_bf16
+
 RESUMABLE = [*TINY, "trainer.max_steps=24", "trainer.save_every=4", "trainer.eval_every=5",
              "trainer.batch_size=2", "trainer.grad_accum=2"]
-VARIANTS = {"lora": ["adapter=lora"], "slora": ["adapter=slora"],
-            "scalora": ["adapter=scalora", "adapter.scalora.interval=3"]}
+# lora-bf16: what trainer.precision=auto trains LoRA in on a CPU with bf16 instructions (fp32, with a message,
+# where the CPU has none); the run and its resumption must agree to the bit all the same.
+VARIANTS = {"lora": ["adapter=lora"], "lora-bf16": ["adapter=lora", "trainer.precision=bf16"],
+            "slora": ["adapter=slora"], "scalora": ["adapter=scalora", "adapter.scalora.interval=3"]}
 
 
 def start(args: list[str], run_dir) -> subprocess.Popen:
@@ -68,6 +72,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, variant):
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert losses(run_dir) == losses(tmp_path / "reference")
+    bf16 = "trainer.precision=bf16" in args and cpu_has_bf16()
+    assert json.loads((run_dir / "run.json").read_text())["result"]["precision"] == ("bf16" if bf16 else "fp32")
 
 
 def test_ctrl_c_checkpoints_exits_130_and_says_how_to_resume(tmp_path):
