@@ -87,11 +87,17 @@ def save_adapter(variant, model, tokenizer, out_dir: Path, metadata: dict[str, s
 
 
 def peak_memory() -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA memory when on a GPU), in bytes."""
+    """Peak resident memory of this program (and peak CUDA memory when on a GPU), in bytes.
+
+    VmHWM where /proc has it: it belongs to this program's address space, which exec starts afresh. getrusage's
+    ru_maxrss survives exec, so a `lora train` started from a large process (a notebook, a test worker holding
+    models) would report that process's size as its own peak: 1.79 GiB for a 1.0 GiB run under pytest."""
     import torch
 
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
-    peak = {"RSS": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale}
+    peak = {"RSS": _proc_status_bytes("VmHWM")}
+    if peak["RSS"] is None:
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux, bytes on macOS
+        peak["RSS"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
     if torch.cuda.is_available():
         peak["GPU"] = torch.cuda.max_memory_allocated()
     return peak
@@ -100,11 +106,17 @@ def peak_memory() -> dict[str, float]:
 def resident_memory() -> int:
     """This process's resident memory now, in bytes; its peak where /proc is missing (macOS). A peak would count
     what a step before took once and gave back, such as converting the embedded GGUF on a first run."""
+    current = _proc_status_bytes("VmRSS")
+    return int(peak_memory()["RSS"]) if current is None else current
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A memory field of /proc/self/status (kB there), in bytes; None without /proc."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
-        return int(peak_memory()["RSS"])
-    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmRSS:"))
+        return None
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith(f"{field}:")), None)
 
 
 def plot_loss(train_loss: list[tuple[int, float]], eval_loss: list[tuple[int, float]], path: Path) -> None:
