@@ -17,8 +17,9 @@ peft's (tests/test_fused_lora.py); everything else (merged or disabled adapters,
 scale inside the autograd graph as S-LoRA trains it, 4-bit or other non-`nn.Linear` bases, mixed dtypes) goes
 through peft's forward unchanged. `trainer.fused_lora=false` turns it off.
 
-Under autocast (`trainer.precision=bf16`) x, W, b and A are cast to autocast's dtype, so the frozen GEMM and
-x A^T run in bf16, but the output is fp32 and s * down B^T is added to it in fp32 (lora_B stays fp32). peft's
+Under autocast (`trainer.precision=bf16`, or `auto` where it picks bf16) x, W, b and A are cast to autocast's
+dtype, so the frozen GEMM and x A^T run in bf16, but the output is fp32 and s * down B^T is added to it in fp32
+(lora_B stays fp32). peft's
 bf16 forward rounds W x + s B A x to bf16, whose 8 bits of mantissa swallow the LoRA delta while it is small
 next to W x, as it is at the start of training. Measured on the workload above, 13 steps: with a bf16 output
 (peft's rounding, and this layer's before) the loss ran 5-11% behind fp32's and the eval loss ended +7.3%; with
