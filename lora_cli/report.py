@@ -172,7 +172,8 @@ def merge_table(result: dict) -> None:
     for name, value in [
         ("output", result["output"]), ("stored dtype", result["dtype"]), ("parameters", f"{result['parameters']:,}"),
         ("parity", f"{result['parity']}: max |merged - (base + adapter)| = {result['saved_max_abs_diff']:.2e} "
-                   f"on {result['probes']} eval examples (tolerance {result['tolerance']:g})"),
+                   f"on {result['probes']} eval examples (allowed {result['allowed_max_abs_diff']:.2e}: "
+                   f"merge.tolerance={result['tolerance']:g} of the largest logit, {result['max_abs_logit']:.3g})"),
     ]:
         table.add_row(name, value)
     if result.get("quantized_max_abs_diff") is not None:

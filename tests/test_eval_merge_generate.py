@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BANKING77, compose_run, lora
+from conftest import BANKING77, TINY, compose_run, lora
 from test_cli import assert_one_line_error
 
 from lora_cli.evaluate import score, token_f1
@@ -122,6 +122,31 @@ def test_merge_refuses_what_it_cannot_do_cleanly(tiny_run, tmp_path):
     assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / 'o5'}", "merge.tolerance=1e-30"),
                           "parity check failed")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("o", ".o"))]
+
+
+def test_merge_tolerance_is_relative_to_the_logits(tmp_path):
+    """A base with larger weights (initializer_range 0.5: logits up to ~20) rounds its merge by more than 1e-4 in
+    absolute terms, ~1e-5 of its largest logit: the check scales with the logits, so the merge passes."""
+    run_dir, out = tmp_path / "run", tmp_path / "merged"
+    trained = lora("train", "recipe=banking_support", *TINY, "+model.architecture.initializer_range=0.5",
+                   f"hydra.run.dir={run_dir}")
+    assert trained.returncode == 0, trained.stderr
+    proc = lora("merge", f"run={run_dir}", f"output={out}")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "lora_cli_merge.json").read_text())
+    assert result["saved_max_abs_diff"] > 1e-4, "not a case an absolute 1e-4 would have refused"
+    assert result["saved_max_abs_diff"] <= result["allowed_max_abs_diff"] == 1e-4 * result["max_abs_logit"]
+
+
+def test_merge_refuses_a_merge_that_is_one_percent_off(tiny_run, tmp_path, monkeypatch):
+    """The relative tolerance still catches a subtly wrong merge: every delta folded in at 99% of its size."""
+    from peft.tuners.lora.layer import Linear
+
+    delta = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, adapter: 0.99 * delta(self, adapter))
+    out = tmp_path / "merged"
+    assert_one_line_error(lora("merge", f"run={tiny_run[0]}", f"output={out}"), "parity check failed")
+    assert not out.exists()
 
 
 def test_generate_streams_the_greedy_reply_with_and_without_the_adapter(tiny_run):
