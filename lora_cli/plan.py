@@ -29,15 +29,27 @@ def meta_model(checkpoint, cfg: RunConfig):
                                                 trust_remote_code=cfg.model.trust_remote_code)
 
 
-def matmul_gflops() -> float:
-    """This machine's fp32 matmul speed, timed in-process (a fraction of a second)."""
+# The share of the matmul speed that a LoRA step reaches, by the precision its linear layers compute in. Measured
+# on the speed benchmark (benchmarks/speed.py, CPU): 72-76% of the fp32 GEMM peak in fp32; 48-52% of the bf16 peak
+# under bf16 autocast, where LoRA's delta, the norms and the loss stay in fp32.
+EFFICIENCY = {"fp32": 0.7, "bf16": 0.45, "fp16": 0.45}
+
+
+def matmul_gflops(precision: str) -> float:
+    """The training device's matmul speed (the GPU if there is one, else the CPU) in the dtype its linear layers
+    compute in, timed in-process (a fraction of a second)."""
     import torch
 
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    a, b = (torch.randn(1024, 1024, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     a @ b  # warm-up
+    sync()
     start, repeats = time.perf_counter(), 8
     for _ in range(repeats):
         a @ b
+    sync()
     return 2 * 1024**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
@@ -85,7 +97,7 @@ def plan(cfg: RunConfig) -> dict:
     blocks = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
     tokens_per_step = train_split.tokens / len(train_split.examples) * step_size
     # Frozen weights need no weight gradient: forward 2 and backward 2 FLOPs per weight and token, the (frozen)
-    # output head on the labelled tokens only; at about 70% of the matmul peak.
+    # output head on the labelled tokens only; at EFFICIENCY of the matmul speed in the run's precision.
     head = model.get_output_embeddings().weight.numel()
     labels_per_step = train_split.label_tokens / len(train_split.examples) * step_size
     flops = steps * 4 * (blocks * tokens_per_step + head * labels_per_step)
@@ -93,11 +105,12 @@ def plan(cfg: RunConfig) -> dict:
     # process evaluates the whole split, so they do not divide among processes.
     evals = 1 + sum(is_eval_step(step, steps, cfg.trainer.eval_every) for step in range(1, steps + 1))
     eval_flops = evals * (2 * blocks * eval_split.tokens + 2 * head * eval_split.label_tokens)
-    speed = 0.7 * matmul_gflops() * 1e9
+    precision = precision_name(mixed_precision(cfg))
+    speed = EFFICIENCY[precision] * matmul_gflops(precision) * 1e9
     longest = max(len(e["input_ids"]) for e in train_split.examples)
     return {
         "model": checkpoint.model_id, "adapter": f"{cfg.adapter.name} r={cfg.adapter.r}",
-        "precision": f"{precision_name(mixed_precision(cfg))} (trainer.precision={cfg.trainer.precision})",
+        "precision": f"{precision} (trainer.precision={cfg.trainer.precision})",
         "train_examples": len(train_split.examples), "eval_examples": len(eval_split.examples),
         "train_tokens": train_split.tokens, "label_tokens": train_split.label_tokens,
         "truncated": train_split.truncated + eval_split.truncated,

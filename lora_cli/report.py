@@ -63,7 +63,7 @@ def print_plan(plan: dict) -> None:
                              f"({100 * plan['trainable_params'] / plan['total_params']:.2f}%)"),
         ("peak memory", f"~{format_bytes(plan['peak_memory_bytes'])} (estimate)"),
         ("time", f"~{format_seconds(plan['train_seconds'])} training, ~{format_seconds(plan['eval_seconds'])} for "
-                 f"{plan['evals']} evals (estimate from this machine's measured fp32 matmul speed)"),
+                 f"{plan['evals']} evals (estimate from this machine's matmul speed, measured in the run's precision)"),
     ]
     for name, value in rows:
         table.add_row(name, value)
