@@ -21,10 +21,22 @@ from lora_cli.paths import publish, staging_dir
 from lora_cli.report import merge_table
 from lora_cli.runs import load_adapted
 
+MERGE_RECORD = "lora_cli_merge.json"  # written into every merged checkpoint; marks what merge.overwrite may replace
 
-def check_output(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+
+def check_output(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
+    """OUT_DIR is replaced as a whole, so it must not hold the run being merged, and only an earlier merge's
+    output is replaced (merge.overwrite=true): never a folder of the user's own."""
+    if out_dir.resolve() in (run_dir.resolve(), *run_dir.resolve().parents):
+        raise UserError(f"output={out_dir} holds the run being merged ({run_dir}) and would be replaced; choose a "
+                        "folder outside it")
+    if not out_dir.exists() or out_dir.is_dir() and not any(out_dir.iterdir()):
+        return
+    if not overwrite:
         raise UserError(f"output={out_dir} exists and is not empty; choose another output or add merge.overwrite=true")
+    if not (out_dir / MERGE_RECORD).is_file():
+        raise UserError(f"output={out_dir} is not an earlier lora merge output (it has no {MERGE_RECORD}), and "
+                        "merge.overwrite=true replaces only those; choose another output")
 
 
 def probe_batch(cfg: RunConfig, tokenizer) -> dict:
@@ -76,7 +88,7 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
     import torch
     from transformers import AutoModelForCausalLM
 
-    check_output(out_dir, cfg.merge.overwrite)
+    check_output(out_dir, run_dir, cfg.merge.overwrite)
     # Always merge in fp32, whatever the run trained in; merge.dtype only sets how the result is stored.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
     # Never merge into a quantized base: a QLoRA run's base is re-loaded in full precision here.
@@ -157,6 +169,6 @@ Made with: `{command}`
 {config_text}```
 """
     (folder / "README.md").write_text(card)
-    (folder / "lora_cli_merge.json").write_text(json.dumps(
+    (folder / MERGE_RECORD).write_text(json.dumps(
         {**result, "base_model_sha256": adapted.checkpoint.sha256, "adapter_sha256": adapter_sha,
          "provenance": provenance}, indent=2))

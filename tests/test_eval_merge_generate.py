@@ -102,7 +102,15 @@ def test_merge_refuses_what_it_cannot_do_cleanly(tiny_run, tmp_path):
     taken.mkdir()
     (taken / "mine.txt").write_text("user data")
     assert_one_line_error(lora("merge", f"run={run_dir}", f"output={taken}"), "merge.overwrite=true")
+    # merge.overwrite replaces an earlier merge's output only: never a folder of the user's, nor the run itself.
+    assert_one_line_error(lora("merge", f"run={run_dir}", f"output={taken}", "merge.overwrite=true"),
+                          "not an earlier lora merge output")
     assert [p.name for p in taken.iterdir()] == ["mine.txt"]
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    for holder in (run_dir, run_dir.parent):
+        assert_one_line_error(lora("merge", f"run={run_dir}", f"output={holder}", "merge.overwrite=true"),
+                              "holds the run being merged")
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
 
     no_adapter = tmp_path / "no_adapter"
     shutil.copytree(run_dir, no_adapter, ignore=shutil.ignore_patterns("adapter"))
@@ -136,6 +144,12 @@ def test_merge_tolerance_is_relative_to_the_logits(tmp_path):
     result = json.loads((out / "lora_cli_merge.json").read_text())
     assert result["saved_max_abs_diff"] > 1e-4, "not a case an absolute 1e-4 would have refused"
     assert result["saved_max_abs_diff"] <= result["allowed_max_abs_diff"] == 1e-4 * result["max_abs_logit"]
+    # Merged again over that output: merge.overwrite replaces an earlier merge's output.
+    stale = out / "model.safetensors"
+    stale.write_bytes(b"stale")
+    again = lora("merge", f"run={run_dir}", f"output={out}", "merge.overwrite=true")
+    assert again.returncode == 0, again.stderr
+    assert stale.stat().st_size > 1000
 
 
 def test_merge_refuses_a_merge_that_is_one_percent_off(tiny_run, tmp_path, monkeypatch):
