@@ -55,8 +55,18 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found)
 
 
+# What a lora run leaves in its folder from its start: Hydra's record (.hydra), then metrics, checkpoints, run.json.
+RUN_MARKERS = (".hydra", "metrics.jsonl", FOLDER, "run.json")
+
+
 def check_run_dir(run_dir: Path, resume: str | None) -> None:
-    """A run dir is written by one run: a finished one is never touched, an unfinished one only resumed."""
+    """A run dir is written by one run: a finished one is never touched, an unfinished one only resumed, and a
+    folder of the user's own is never written into (a run writes README.md, config.yaml and more there)."""
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / name).exists() for name in RUN_MARKERS):
+        found = sorted(p.name for p in run_dir.iterdir())
+        raise UserError(f"hydra.run.dir={run_dir} holds files that no lora run wrote ({', '.join(found[:3])}"
+                        f"{', ...' if len(found) > 3 else ''}) and a run would write README.md, config.yaml and more "
+                        "there; pick a new or empty folder")
     if (run_dir / "adapter").exists():
         raise UserError(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir or move that "
                         "run away")

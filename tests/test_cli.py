@@ -90,6 +90,14 @@ def test_problems_found_while_loading_are_one_line_too(tmp_path, args, needles):
     assert not (tmp_path / "adapter").exists()
 
 
+def test_a_folder_of_the_users_own_is_never_written_into(tmp_path):
+    (tmp_path / "README.md").write_text("my project")
+    assert_one_line_error(lora("train", "recipe=banking_support", *TINY, f"hydra.run.dir={tmp_path}"),
+                          "no lora run wrote (README.md)", "new or empty folder")
+    assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
+    assert (tmp_path / "README.md").read_text() == "my project"
+
+
 def test_a_finished_run_is_never_overwritten(tiny_run):
     run_dir, _ = tiny_run
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
