@@ -17,7 +17,7 @@ length-grouped and right-padded as `lora train` batches them) as bare kernel cal
                     step's (batch, padded length) shape, once per layer
 
 Each class is timed per step as the best of --repeats runs, and the FLOPs are counted exactly as speed.py counts
-them (FLOPS_DOC there). The ceiling = those FLOPs / the summed kernel time / the fp32 GEMM peak (best of 10
+them (lora_cli/flops.py's FORMULA). The ceiling = those FLOPs / the summed kernel time / the fp32 GEMM peak (best of 10
 2048x2048 GEMMs, before and after, the higher of the two, as speed.py takes it): the MFU a step would reach if
 everything that is not one of these kernels took no time at all. A real step adds that work on top, so its MFU
 is below the ceiling by the share of its time spent there.
@@ -37,21 +37,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import (  # noqa: E402
     DATA,
-    FLOPS_DOC,
     GEMM_REPEATS,
     GEMM_SIZE,
     add_result_options,
-    base_flop_constants,
-    block_weights,
     lora_args,
     machine_name,
     matmul_peak,
     result_file,
-    sequence_stats,
-    step_flops_by_kernel,
 )
 
-CLASSES = ("frozen GEMMs", "LoRA products", "output head", "attention")  # speed.step_flops_by_kernel's keys
+from lora_cli import flops as flop_count  # noqa: E402
+
+CLASSES = ("frozen GEMMs", "LoRA products", "output head", "attention")  # lora_cli.flops.by_kernel's keys
 
 
 def best_seconds(run, repeats: int) -> float:
@@ -146,8 +143,8 @@ def replayed_steps(cfg, tokenizer, steps: range) -> list[dict]:
     for step in steps:
         examples = take(train_split.examples, cfg.trainer.seed, (step - 1) * size, size, cfg.trainer.group_by_length)
         (batch,) = micro_batches(examples, size, 0, 1, tokenizer.pad_token_id)
-        stats = sequence_stats([len(e["input_ids"]) for e in examples], sum(predicted_labels(e) for e in examples),
-                               batch["input_ids"].numel())
+        labels = sum(predicted_labels(e) for e in examples)
+        stats = flop_count.sequence_work([len(e["input_ids"]) for e in examples], labels, batch["input_ids"].numel())
         out.append({"step": step, **stats, "shape": list(batch["input_ids"].shape)})
     return out
 
@@ -177,10 +174,10 @@ def main() -> None:
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     model = load_model(checkpoint, cfg.model, tokenizer)
     head = model.get_output_embeddings()
-    weights = [w.detach() for w in block_weights(model)]
+    weights = [w.detach() for w in flop_count.frozen_linear_weights(model)]
     rank, scaling = cfg.adapter.r, cfg.adapter.alpha / cfg.adapter.r
     config = model.config
-    constants = base_flop_constants(model) | {"W_lora": sum(rank * (w.shape[0] + w.shape[1]) for w in weights)}
+    constants = flop_count.constants(model) | {"W_lora": sum(rank * (w.shape[0] + w.shape[1]) for w in weights)}
     steps = replayed_steps(cfg, tokenizer, range(options.warmup + 1, total + 1))
 
     print(f"replaying {len(steps)} steps of the speed benchmark as bare kernels ({torch.get_num_threads()} threads, "
@@ -195,7 +192,7 @@ def main() -> None:
                     "output head": output_head(head.weight.detach(), step["trained_tokens"])}
             for name, run in runs.items():
                 seconds[name] += best_seconds(run, options.repeats)
-            for name, count in step_flops_by_kernel(step, constants).items():
+            for name, count in flop_count.by_kernel(step, constants).items():
                 flops[name] += count
     with torch.enable_grad():
         for step in steps:
@@ -225,7 +222,7 @@ def main() -> None:
     path.write_text(json.dumps({
         "benchmark": "mfu-ceiling", "date": date.today().isoformat(), "machine": machine,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "repeats": options.repeats,
-        "steps": [s["step"] for s in steps], "peaks_before_after": peaks, "flops_formula": FLOPS_DOC,
+        "steps": [s["step"] for s in steps], "peaks_before_after": peaks, "flops_formula": flop_count.FORMULA,
         "flops_constants": constants, "classes": rows, "kernel_s_per_step": total_seconds / len(steps),
         "flops_per_step": total_flops / len(steps), "mfu_ceiling": ceiling}, indent=2))
     print(f"wrote {path}")

@@ -16,15 +16,17 @@ weighs on both alike:
                   torch's AdamW, zero_grad
     lora-cli      a `lora train` step through the loop's own functions: its adapter (the fused LoRA layer),
                   train.accumulate_gradients (train.token_loss_sum on the labelled positions), the finiteness
-                  check, clipping, its fused AdamW (not the loop's data order, schedule and logging)
+                  check, train.apply_gradients (clipping, its fused AdamW); not the loop's data order, schedule
+                  and logging
 
-Both count the same FLOPs (FLOPS_DOC in speed.py: here every position but each row's first is labelled), over
+Both count the same FLOPs (lora_cli/flops.py's FORMULA: here every position but each row's first is labelled), over
 the fp32 GEMM peak timed before and after in the same process (the higher of the two).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -34,16 +36,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from speed import (  # noqa: E402
-    FLOPS_DOC,
     add_result_options,
-    base_flop_constants,
     lora_args,
     machine_name,
     matmul_peak,
     result_file,
-    sequence_stats,
-    step_flops,
 )
+
+from lora_cli import flops as flop_count  # noqa: E402
 
 BATCH, LENGTH = 4, 256  # the issue's workload
 
@@ -59,22 +59,27 @@ def plain_peft_step(model, optimizer):
     return step
 
 
-def lora_cli_step(accelerator, model, head, optimizer, max_grad_norm: float):
-    """One step through the loop's own pieces (lora_cli.train, one process): gradients, the finiteness check,
-    clipping, the optimizer. Not timed here: the loop's data order, schedule and logging."""
+def lora_cli_step(model, variant, optimizer, max_grad_norm: float):
+    """One step through the loop's own functions (lora_cli.train, one process, model and optimizer prepared by
+    accelerate as there): gradients, the finiteness check, apply_gradients (variant hook, clipping, the
+    optimizer). Not timed here: the loop's data order, schedule and logging."""
     import torch
+    from accelerate import Accelerator
 
-    from lora_cli.train import accumulate_gradients, count_label_tokens, step_is_finite
+    from lora_cli.train import accumulate_gradients, apply_gradients, count_label_tokens, step_is_finite
 
+    accelerator = Accelerator(cpu=True)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    head = accelerator.unwrap_model(model).get_output_embeddings()
     params = [p for p in model.parameters() if p.requires_grad]
+    steps = itertools.count(1)
 
     def step(input_ids):
         batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids}
         labels = count_label_tokens(batch)
         loss_total, _ = accumulate_gradients(accelerator, model, head, [batch], labels)
         if step_is_finite(accelerator, loss_total / labels, params, sharded=False):
-            accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-            optimizer.step()
+            apply_gradients(accelerator, model, optimizer, variant, next(steps), max_grad_norm)
         optimizer.zero_grad(set_to_none=True)
 
     return step
@@ -92,7 +97,6 @@ def main() -> None:
         parser.error("--steps must be >= 1, --warmup >= 0 (>= 1 with --compile: the first step compiles)")
 
     import torch
-    from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
 
     from lora_cli import adapters
@@ -118,20 +122,20 @@ def main() -> None:
     ours_name = "lora-cli +compile" if options.compile else "lora-cli"
     loops = {"plain peft": plain_peft_step(plain, torch.optim.AdamW(
                  [p for p in plain.parameters() if p.requires_grad], lr=cfg.trainer.lr)),
-             ours_name: lora_cli_step(Accelerator(cpu=True), ours, ours.get_output_embeddings(), optimizer,
-                                      cfg.trainer.max_grad_norm)}
+             ours_name: lora_cli_step(ours, variant, optimizer, cfg.trainer.max_grad_norm)}
     weights = {name: sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
                for name, model in (("plain peft", plain), ("lora-cli", ours))}
     if len(set(weights.values())) != 1:
         sys.exit(f"the two loops adapt different weights ({weights}); the comparison would not be like for like")
-    constants = base_flop_constants(ours) | {"W_lora": weights["lora-cli"]}
-    work = sequence_stats([LENGTH] * BATCH, BATCH * (LENGTH - 1), BATCH * LENGTH)
-    flops = step_flops(work, constants)
+    constants = flop_count.constants(ours)
+    work = flop_count.sequence_work([LENGTH] * BATCH, BATCH * (LENGTH - 1), BATCH * LENGTH)
+    flops = flop_count.total(work, constants)
 
     generator = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, len(tokenizer), (BATCH, LENGTH), generator=generator) for _ in range(total)]
-    print(f"{BATCH}x{LENGTH} random tokens, {flops / 1e9:.1f} GFLOP per step (FLOPS_DOC), {options.warmup} warm-up "
-          f"+ {options.steps} timed steps per loop, alternating; {torch.get_num_threads()} threads", flush=True)
+    print(f"{BATCH}x{LENGTH} random tokens, {flops / 1e9:.1f} GFLOP per step (lora_cli.flops.FORMULA), "
+          f"{options.warmup} warm-up + {options.steps} timed steps per loop, alternating; "
+          f"{torch.get_num_threads()} threads", flush=True)
     peaks = [matmul_peak()]
     seconds = dict.fromkeys(loops, 0.0)
     for i, input_ids in enumerate(batches):
@@ -160,7 +164,7 @@ def main() -> None:
         "benchmark": "mfu-reference", "date": date.today().isoformat(), "machine": machine,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "batch": BATCH, "length": LENGTH,
         "compile": options.compile, "warmup": options.warmup, "steps": options.steps, "peaks_before_after": peaks,
-        "flops_formula": FLOPS_DOC,
+        "flops_formula": flop_count.FORMULA,
         "flops_constants": constants, "flops_per_step": flops, "loops": rows, "speedup": speedup}, indent=2))
     print(f"wrote {path}")
 

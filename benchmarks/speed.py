@@ -30,7 +30,7 @@ Printed per contender (and each lora-cli / TRL ratio): useful tokens/s (non-pad:
 tokens/s (tokens that carry a label), padded tokens/s (batch x padded length: what the model processed), seconds per
 step, peak RSS, eval loss after the run, and MFU = the FLOPs the work needs per second / the fp32 matmul peak of this
 machine, timed in this run right before and right after each contender (best of several 2048x2048 GEMMs; the
-higher of the two: this host's speed drifts by 20% within half an hour). FLOPS_DOC below is
+higher of the two: this host's speed drifts by 20% within half an hour). lora_cli/flops.py's FORMULA is
 the count in full:
 
     FLOPs/step = 4*W_blocks*T + 6*W_lora*T + 12*n_layers*d_attn*P + 4*W_head*Y
@@ -60,20 +60,13 @@ from datetime import date
 from functools import partial
 from pathlib import Path
 
+from lora_cli import flops as flop_count
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "banking77"
 GEMM_SIZE, GEMM_REPEATS = 2048, 10
 GIB = 2**30
 
-FLOPS_DOC = (
-    "FLOPs per step = 4*W_blocks*T + 6*W_lora*T + 12*n_layers*d_attn*P + 4*W_head*Y, where T = useful (non-pad) "
-    "tokens, Y = labelled positions, P = sum over sequences of n(n+1)/2 causal query-key pairs (n = its non-pad "
-    "length); W_blocks = the blocks' frozen linear weights: 2 FLOPs forward + 2 input-gradient backward per weight "
-    "and token, no weight gradient; W_lora = LoRA's A and B weights: 2 forward + 2 input-gradient + 2 "
-    "weight-gradient; attention QK^T and AV: 2*d_attn FLOPs each per pair forward (d_attn = heads x head_dim), twice "
-    "that backward; W_head = the output head, on labelled positions only: 2 forward + 2 input-gradient (frozen). "
-    "Padding, norms, activations, softmax and RoPE are not counted. MFU = FLOPs / s / fp32 GEMM peak."
-)
 TRL_DOC = (
     "TRL: a conversational prompt-completion dataset ({prompt: [system, user], completion: [assistant]}, the same "
     "conversations as lora-cli, built by lora_cli.data.load_train_eval + to_messages), so SFTTrainer's default "
@@ -111,11 +104,6 @@ def lora_args(model: str, total_steps: int, eval_examples: int | None) -> list[s
             "trainer.lr=2e-4", "trainer.schedule=linear", "trainer.warmup_ratio=0",
             f"trainer.eval_every={total_steps}", "dataset.max_seq_len=256"]
     return args + ([f"dataset.max_eval_examples={eval_examples}"] if eval_examples else [])
-
-
-def sequence_stats(lengths: list[int], labels: int, padded: int) -> dict:
-    return {"tokens": sum(lengths), "trained_tokens": labels, "padded_tokens": padded,
-            "pairs": sum(n * (n + 1) // 2 for n in lengths), "examples": len(lengths)}
 
 
 # ---------------------------------------------------------------- the TRL contender (its own process)
@@ -186,7 +174,7 @@ def trl_worker(spec: dict) -> None:
             batch = self.inner(features)
             lengths = batch["attention_mask"].sum(dim=1).tolist()
             labels = int((batch["labels"][:, 1:] != -100).sum())
-            self.batches.append(sequence_stats(lengths, labels, batch["input_ids"].numel()))
+            self.batches.append(flop_count.sequence_work(lengths, labels, batch["input_ids"].numel()))
             return batch
 
     timer = StepTimer()
@@ -244,18 +232,17 @@ def eval_worker(spec: dict) -> None:
                     else take(train_split.examples, cfg.trainer.seed, start, size, grouped))
         pack_width = cfg.dataset.max_seq_len if getattr(cfg.trainer, "packing", False) else None
         batches = micro_batches(examples, cfg.trainer.batch_size, 0, 1, tokenizer.pad_token_id, pack_width)
-        stats = sequence_stats([len(e["input_ids"]) for e in examples], sum(predicted_labels(e) for e in examples),
-                               sum(b["input_ids"].numel() for b in batches))
+        labels = sum(predicted_labels(e) for e in examples)
+        stats = flop_count.sequence_work([len(e["input_ids"]) for e in examples], labels,
+                                         sum(b["input_ids"].numel() for b in batches))
         steps.append({"step": step, **stats})
 
     evaluation = eval_batches(eval_split, cfg.trainer.eval_batch_size, tokenizer.pad_token_id)
     losses, flops, adapter_weights = {}, {}, {}
     for name, folder in spec["adapters"].items():
-        base = load_model(checkpoint, cfg.model, tokenizer)
-        flops = flops or base_flop_constants(base)
-        model = PeftModel.from_pretrained(base, folder)
+        model = PeftModel.from_pretrained(load_model(checkpoint, cfg.model, tokenizer), folder)
+        flops = flops or flop_count.constants(model)
         adapter_weights[name] = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-        flops.setdefault("W_lora", adapter_weights[name])
         losses[name] = evaluate_loss(model, evaluation, torch.device("cpu"), model.get_output_embeddings())
     result = {"lora_steps": steps, "eval_loss": losses, "flops": flops, "adapter_weights": adapter_weights,
               "data": {"examples": len(train_split.examples), "tokens": train_split.tokens,
@@ -314,39 +301,11 @@ def lora_contender(args: list[str], work: Path, name: str) -> dict:
             "compile_s": run.get("compile_s")}
 
 
-def block_weights(model) -> list:
-    """The frozen linear weights of the blocks: every nn.Linear but the output head."""
-    import torch
-
-    head = model.get_output_embeddings()
-    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
-
-
-def base_flop_constants(model) -> dict[str, int]:
-    """FLOPS_DOC's constants that the base model fixes (W_lora comes from the adapter)."""
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {"W_blocks": sum(w.numel() for w in block_weights(model)),
-            "W_head": model.get_output_embeddings().weight.numel(),
-            "n_layers": config.num_hidden_layers, "d_attn": config.num_attention_heads * head_dim}
-
-
-def step_flops_by_kernel(step: dict, c: dict) -> dict[str, int]:
-    """FLOPS_DOC's terms for one step, by the kernels that do them (benchmarks/mfu_ceiling.py times each)."""
-    return {"frozen GEMMs": 4 * c["W_blocks"] * step["tokens"], "LoRA products": 6 * c["W_lora"] * step["tokens"],
-            "output head": 4 * c["W_head"] * step["trained_tokens"],
-            "attention": 12 * c["n_layers"] * c["d_attn"] * step["pairs"]}
-
-
-def step_flops(step: dict, c: dict) -> float:
-    return sum(step_flops_by_kernel(step, c).values())
-
-
 def summarise(steps: list[dict], warmup: int, constants: dict, peak: float, bf16_peak: float | None) -> dict:
     timed = steps[warmup:]
     seconds = sum(s["seconds"] for s in timed)
     total = {k: sum(s[k] for s in timed) for k in ("tokens", "trained_tokens", "padded_tokens")}
-    flops = sum(step_flops(s, constants) for s in timed)
+    flops = sum(flop_count.total(s, constants) for s in timed)
     per_step = sorted(s["seconds"] for s in timed)
     return {"timed_steps": len(timed), "seconds": seconds, "s_per_step": seconds / len(timed),
             "s_per_step_median": per_step[len(per_step) // 2],
@@ -544,7 +503,7 @@ def benchmark(options) -> None:
     print("bf16 matmul peak, the same way, GFLOP/s: "
           + "; ".join(f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, (a, b) in measured_bf16.items())
           + " (the bf16 rows' 'MFU of bf16': their FLOP/s over the higher of the two)")
-    print(f"{FLOPS_DOC}\nconstants: " + ", ".join(f"{k}={v:,}" for k, v in constants.items()) + "\n")
+    print(f"{flop_count.FORMULA}\nconstants: " + ", ".join(f"{k}={v:,}" for k, v in constants.items()) + "\n")
     print_table(rows, ratios)
     print()
     for name, row in rows.items():
@@ -576,7 +535,7 @@ def benchmark(options) -> None:
         "lora_commands": {name: "lora train " + " ".join(args + extra) for name, extra in configurations.items()},
         "compile_s": compiled,
         "trl": {k: trl[k] for k in ("sft_config", "lora_config", "effective")},
-        "trl_doc": TRL_DOC, "flops_formula": FLOPS_DOC, "flops_constants": constants,
+        "trl_doc": TRL_DOC, "flops_formula": flop_count.FORMULA, "flops_constants": constants,
         "matmul_peaks_before_after": peaks, "bf16_matmul_peaks_before_after": bf16_peaks,
         "gemm": f"{GEMM_SIZE}x{GEMM_SIZE}, best of {GEMM_REPEATS}",
         "contenders": rows, "ratios_over_trl": ratios, "checks": checks, "seeds": seeds,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 
-from lora_cli import adapters
+from lora_cli import adapters, flops
 from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
@@ -53,6 +53,11 @@ def matmul_gflops(precision: str) -> float:
     return 2 * 1024**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
+def split_work(split) -> dict:
+    """What flops.FORMULA counts in one pass over a tokenized split."""
+    return flops.sequence_work([len(e["input_ids"]) for e in split.examples], split.label_tokens, split.tokens)
+
+
 def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_labels: int, held: int) -> int:
     """`held` (on a CPU, what the process holds before any weight: Python, torch, the tokenizer and the data; 0 on
     a GPU, whose memory the estimate is of) + weights + adapter
@@ -94,17 +99,14 @@ def plan(cfg: RunConfig) -> dict:
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
     model = adapters.build(cfg.adapter, cfg.trainer, steps).apply(meta_model(checkpoint, cfg))
     trainable, total = model.get_nb_trainable_parameters()
-    blocks = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
-    tokens_per_step = train_split.tokens / len(train_split.examples) * step_size
-    # Frozen weights need no weight gradient: forward 2 and backward 2 FLOPs per weight and token, the (frozen)
-    # output head on the labelled tokens only; at EFFICIENCY of the matmul speed in the run's precision.
-    head = model.get_output_embeddings().weight.numel()
-    labels_per_step = train_split.label_tokens / len(train_split.examples) * step_size
-    flops = steps * 4 * (blocks * tokens_per_step + head * labels_per_step)
-    # Evals (one before the first step, then the loop's): forward only (2 FLOPs per weight and token), and every
-    # process evaluates the whole split, so they do not divide among processes.
+    # The count the speed benchmark measures MFU by (flops.FORMULA), over the epochs the steps take, at EFFICIENCY
+    # of the matmul speed in the run's precision.
+    sizes = flops.constants(model)
+    train_work = flops.total(split_work(train_split), sizes) * steps * step_size / len(train_split.examples)
+    # Evals (one before the first step, then the loop's): forward only, and every process evaluates the whole
+    # split, so they do not divide among processes.
     evals = 1 + sum(is_eval_step(step, steps, cfg.trainer.eval_every) for step in range(1, steps + 1))
-    eval_flops = evals * (2 * blocks * eval_split.tokens + 2 * head * eval_split.label_tokens)
+    eval_work = evals * flops.total(split_work(eval_split), sizes, backward=False)
     precision = precision_name(mixed_precision(cfg))
     speed = EFFICIENCY[precision] * matmul_gflops(precision) * 1e9
     longest = max(len(e["input_ids"]) for e in train_split.examples)
@@ -120,6 +122,6 @@ def plan(cfg: RunConfig) -> dict:
         "trainable_params": trainable, "total_params": total,
         "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest, max(
             predicted_labels(e) for e in train_split.examples + eval_split.examples), held),
-        "train_seconds": math.ceil(flops / speed / cfg.trainer.num_processes),
-        "evals": evals, "eval_seconds": math.ceil(eval_flops / speed),
+        "train_seconds": math.ceil(train_work / speed / cfg.trainer.num_processes),
+        "evals": evals, "eval_seconds": math.ceil(eval_work / speed),
     }

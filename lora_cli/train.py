@@ -343,6 +343,17 @@ def accumulate_gradients(accelerator, model, head, batches: list[dict], step_tok
     return loss_total, int(padded_total)
 
 
+def apply_gradients(accelerator, model, optimizer, variant, step: int, max_grad_norm: float) -> dict:
+    """A step's finite gradients into the weights: variant.before_clip -> clip -> optimizer.step (the prepared
+    model and optimizer). Returns what to log for the step."""
+    record = variant.before_clip(accelerator.unwrap_model(model), optimizer.optimizer, step)
+    # All the prepared model's parameters: that is how accelerate recognises an FSDP model and clips by the norm
+    # over every shard (frozen ones have no gradient; DeepSpeed clips in its engine).
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    return record | ({"grad_norm": float(grad_norm)} if grad_norm is not None else {})
+
+
 class StopRequest:
     """Ctrl-C / SIGTERM during training ask for a checkpoint at the end of the current step; a second Ctrl-C
     stops at once. Processes agree on the request, so all of them stop after the same step."""
@@ -504,12 +515,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
             state.step, state.consumed = step, state.consumed + step_size
             record = {"step": step}
             if step_is_finite(accelerator, train_loss, params, sharded):
-                record |= variant.before_clip(peft_model, torch_optimizer, step)
-                # All the prepared model's parameters: that is how accelerate recognises an FSDP model and clips
-                # by the norm over every shard (frozen ones have no gradient; DeepSpeed clips in its engine).
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
-                optimizer.step()
-                record |= {"grad_norm": float(grad_norm)} if grad_norm is not None else {}
+                record |= apply_gradients(accelerator, model, optimizer, variant, step, cfg.trainer.max_grad_norm)
             elif cfg.trainer.on_nonfinite == "stop":
                 raise UserError(f"non-finite loss or gradients at step {step} (loss {train_loss}); the last good "
                                 f"checkpoint, if any, is in {run_dir / checkpoint.FOLDER}; lower trainer.lr, "

@@ -79,3 +79,18 @@ assert model.get_input_embeddings().weight is model.get_output_embeddings().weig
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_the_flop_count_tells_loras_weights_from_the_frozen_ones(tiny_checkpoint, tokenizer):
+    """lora_cli.flops (the dry-run's time estimate, the benchmarks' MFU) counts frozen linear weights at 4 FLOPs per
+    token and LoRA's at 6 (they also have a weight gradient). LoRA's A and B are nn.Linear modules too: counted
+    with the frozen weights as well, they once inflated a benchmark's FLOPs by 3%."""
+    from lora_cli import adapters, flops
+
+    cfg = compose_run(["model=tiny_llama"])
+    base = load_model(tiny_checkpoint, cfg.model, tokenizer)
+    plain = flops.constants(base)
+    adapted = adapters.build(cfg.adapter, cfg.trainer, 1).apply(base)
+    lora_weights = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert plain["W_lora"] == 0 < lora_weights
+    assert flops.constants(adapted) == plain | {"W_lora": lora_weights}

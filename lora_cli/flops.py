@@ -1,0 +1,55 @@
+"""The FLOPs a LoRA training step needs: one count, for the dry-run's time estimate (plan.py) and for the MFU that
+the benchmarks report (benchmarks/). It counts the work needed, not the work done: padding is never counted."""
+
+from __future__ import annotations
+
+FORMULA = (
+    "FLOPs per step = 4*W_blocks*T + 6*W_lora*T + 12*n_layers*d_attn*P + 4*W_head*Y, where T = useful (non-pad) "
+    "tokens, Y = labelled positions, P = sum over sequences of n(n+1)/2 causal query-key pairs (n = its non-pad "
+    "length); W_blocks = the blocks' frozen linear weights: 2 FLOPs forward + 2 input-gradient backward per weight "
+    "and token, no weight gradient; W_lora = LoRA's A and B weights: 2 forward + 2 input-gradient + 2 "
+    "weight-gradient; attention QK^T and AV: 2*d_attn FLOPs each per pair forward (d_attn = heads x head_dim), twice "
+    "that backward; W_head = the output head, on labelled positions only: 2 forward + 2 input-gradient (frozen). "
+    "Padding, norms, activations, softmax and RoPE are not counted. MFU = FLOPs / s / fp32 GEMM peak."
+)
+
+
+def frozen_linear_weights(model) -> list:
+    """The blocks' linear weights: every nn.Linear but the output head and, in a peft model, LoRA's own A and B
+    (they are nn.Linear too, and have a weight gradient)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return [module.weight for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head and "lora_" not in name]
+
+
+def constants(model) -> dict[str, int]:
+    """FORMULA's constants for a model, with its LoRA adapter if it has one (W_lora is 0 without)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    lora = [p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
+    return {"W_blocks": sum(w.numel() for w in frozen_linear_weights(model)), "W_lora": sum(p.numel() for p in lora),
+            "W_head": model.get_output_embeddings().weight.numel(),
+            "n_layers": config.num_hidden_layers, "d_attn": config.num_attention_heads * head_dim}
+
+
+def sequence_work(lengths: list[int], labels: int, padded: int) -> dict:
+    """What FORMULA counts in a step (or any set) of sequences of these non-pad lengths, with `labels` labelled
+    positions; `padded` (the tokens processed, padding included) rides along for the benchmarks' reports."""
+    return {"tokens": sum(lengths), "trained_tokens": labels, "padded_tokens": padded,
+            "pairs": sum(n * (n + 1) // 2 for n in lengths), "examples": len(lengths)}
+
+
+def by_kernel(work: dict, c: dict, backward: bool = True) -> dict[str, float]:
+    """FORMULA's terms, by the kernels that do them (benchmarks/mfu_ceiling.py times each); forward only (an eval)
+    with backward=False."""
+    frozen, lora, attention = (4, 6, 12) if backward else (2, 2, 4)
+    return {"frozen GEMMs": frozen * c["W_blocks"] * work["tokens"],
+            "LoRA products": lora * c["W_lora"] * work["tokens"],
+            "output head": frozen * c["W_head"] * work["trained_tokens"],
+            "attention": attention * c["n_layers"] * c["d_attn"] * work["pairs"]}
+
+
+def total(work: dict, c: dict, backward: bool = True) -> float:
+    return sum(by_kernel(work, c, backward).values())
