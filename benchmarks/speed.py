@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import re
@@ -255,17 +254,9 @@ def eval_worker(spec: dict) -> None:
 
 
 def matmul_peak(dtype: str = "float32") -> float:
-    """FLOP/s of one large square GEMM in `dtype`, best of several, in this process (torch's default threads)."""
-    import torch
-
-    a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE).to(getattr(torch, dtype)) for _ in range(2))
-    torch.mm(a, b)  # warm-up
-    best = math.inf
-    for _ in range(GEMM_REPEATS):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2 * GEMM_SIZE**3 / best
+    """FLOP/s of one large square GEMM in `dtype` on the CPU, best of several, in this process (torch's default
+    threads)."""
+    return flop_count.matmul_speed(dtype, "cpu", GEMM_SIZE, GEMM_REPEATS)
 
 
 def run_logged(name: str, command: list[str], log: Path) -> None:

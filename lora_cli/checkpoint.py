@@ -25,6 +25,7 @@ from pathlib import Path
 
 from lora_cli.errors import UserError
 from lora_cli.paths import publish, staging_dir
+from lora_cli.sweep import RUN_RECORD
 
 FOLDER = "checkpoints"
 STATE = "state.json"
@@ -56,7 +57,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 # What a lora run leaves in its folder from its start: Hydra's record (.hydra), then metrics, checkpoints, run.json.
-RUN_MARKERS = (".hydra", "metrics.jsonl", FOLDER, "run.json")
+RUN_MARKERS = (".hydra", "metrics.jsonl", FOLDER, RUN_RECORD)
 
 
 def check_run_dir(run_dir: Path, resume: str | None) -> None:

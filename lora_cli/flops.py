@@ -3,6 +3,8 @@ the benchmarks report (benchmarks/). It counts the work needed, not the work don
 
 from __future__ import annotations
 
+import time
+
 FORMULA = (
     "FLOPs per step = 4*W_blocks*T + 6*W_lora*T + 12*n_layers*d_attn*P + 4*W_head*Y, where T = useful (non-pad) "
     "tokens, Y = labelled positions, P = sum over sequences of n(n+1)/2 causal query-key pairs (n = its non-pad "
@@ -53,3 +55,21 @@ def by_kernel(work: dict, c: dict, backward: bool = True) -> dict[str, float]:
 
 def total(work: dict, c: dict, backward: bool = True) -> float:
     return sum(by_kernel(work, c, backward).values())
+
+
+def matmul_speed(dtype: str = "float32", device: str = "cpu", size: int = 1024, repeats: int = 8) -> float:
+    """FLOP/s of a square GEMM in `dtype` (torch's name) on `device`, timed in this process: the best of `repeats`
+    after a warm-up (this host's speed drifts, and the best is what the hardware can do)."""
+    import torch
+
+    a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a @ b  # warm-up: first-touch allocations, the thread pool
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best

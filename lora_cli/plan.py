@@ -6,7 +6,6 @@ are loaded: the model is built on the meta device, which is enough to count para
 from __future__ import annotations
 
 import math
-import time
 
 from lora_cli import adapters, flops
 from lora_cli.artifacts import resident_memory
@@ -32,25 +31,9 @@ def meta_model(checkpoint, cfg: RunConfig):
 # The share of the matmul speed that a LoRA step reaches, by the precision its linear layers compute in. Measured
 # on the speed benchmark (benchmarks/speed.py, CPU): 72-76% of the fp32 GEMM peak in fp32; 48-52% of the bf16 peak
 # under bf16 autocast, where LoRA's delta, the norms and the loss stay in fp32.
+# fp16 (CUDA only) is not measured: taken as bf16's.
 EFFICIENCY = {"fp32": 0.7, "bf16": 0.45, "fp16": 0.45}
-
-
-def matmul_gflops(precision: str) -> float:
-    """The training device's matmul speed (the GPU if there is one, else the CPU) in the dtype its linear layers
-    compute in, timed in-process (a fraction of a second)."""
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    a, b = (torch.randn(1024, 1024, device=device).to(dtype) for _ in range(2))
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    a @ b  # warm-up
-    sync()
-    start, repeats = time.perf_counter(), 8
-    for _ in range(repeats):
-        a @ b
-    sync()
-    return 2 * 1024**3 * repeats / (time.perf_counter() - start) / 1e9
+DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 def split_work(split) -> dict:
@@ -108,7 +91,9 @@ def plan(cfg: RunConfig) -> dict:
     evals = 1 + sum(is_eval_step(step, steps, cfg.trainer.eval_every) for step in range(1, steps + 1))
     eval_work = evals * flops.total(split_work(eval_split), sizes, backward=False)
     precision = precision_name(mixed_precision(cfg))
-    speed = EFFICIENCY[precision] * matmul_gflops(precision) * 1e9
+    # The training device's matmul speed (the GPU if there is one) in the dtype its linear layers compute in.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    speed = EFFICIENCY[precision] * flops.matmul_speed(DTYPES[precision], device)
     longest = max(len(e["input_ids"]) for e in train_split.examples)
     return {
         "model": checkpoint.model_id, "adapter": f"{cfg.adapter.name} r={cfg.adapter.r}",
