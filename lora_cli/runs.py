@@ -16,6 +16,9 @@ from lora_cli.report import console
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # After training, "the split" is the one to measure: `lora eval run=... dataset.split=test`.
 KEY_ALIASES = {"dataset.split": "dataset.eval_split"}
+# The adapter is what the run trained: of its keys, only how the base is loaded under it may change afterwards
+# (e.g. a QLoRA adapter measured on a full-precision base: adapter.quantize=null).
+ADAPTER_KEYS_AFTER_TRAINING = ("adapter.quantize", "adapter.double_quant")
 
 
 @dataclass
@@ -75,14 +78,29 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
             if key in groups:
                 value = override.get_value_element_as_str()
                 ov.check_group(key, [value], groups[key])
+                check_not_retraining(key, override.input_line, cfg, path)
                 option = OmegaConf.load(configs / key / f"{value}.yaml")
                 cfg[key] = OmegaConf.merge(OmegaConf.structured(type(getattr(RunConfig(), key))), option)
             else:
                 ov.check_key(cfg, key)
+                check_not_retraining(key, override.input_line, cfg, path)
                 OmegaConf.update(cfg, key, override.value(), merge=False)
         except OmegaConfBaseException as exc:
             raise UserError(f"invalid override {override.input_line!r}: {ov.one_line(exc)}") from None
     return to_run_config(cfg)
+
+
+def check_not_retraining(key: str, override: str, cfg, config_path: Path) -> None:
+    """Refuse an override of the trained adapter (adapter=..., adapter.r=...): the saved weights would not change,
+    only what the reports and the merged model's card say about them."""
+    from omegaconf import OmegaConf
+
+    if key != "adapter" and not key.startswith("adapter.") or key in ADAPTER_KEYS_AFTER_TRAINING:
+        return
+    trained = OmegaConf.select(cfg, "adapter.name" if key == "adapter" else key)
+    raise UserError(f"{override}: the run's adapter is fixed by its training ({config_path} has "
+                    f"{'adapter' if key == 'adapter' else key}={trained}); to try another, train a new run "
+                    f"(`lora train ... {override}`)")
 
 
 def check_adapter(run_dir: Path) -> Path:

@@ -132,6 +132,20 @@ def test_merge_refuses_what_it_cannot_do_cleanly(tiny_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("o", ".o"))]
 
 
+def test_the_trained_adapter_is_not_overridden_after_training(tiny_run, tmp_path):
+    """`lora eval run=... adapter.r=4` would change what the report and the merged model's card say, not the saved
+    weights: refused, naming what the run trained. How the base loads under the adapter may still change."""
+    from lora_cli.runs import load_run_config
+
+    run_dir = tiny_run[0]
+    assert_one_line_error(lora("eval", f"run={run_dir}", "adapter.r=4"), "adapter.r=4", "adapter.r=16",
+                          "train a new run")
+    assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / 'out'}", "adapter=slora"),
+                          "adapter=lora")
+    assert not (tmp_path / "out").exists()
+    assert_one_line_error(lora("generate", f"run={run_dir}", "adapter.rr=4"), "did you mean adapter.r")
+    assert load_run_config(run_dir, ["adapter.quantize=nf4"]).adapter.quantize == "nf4"
+
 def test_merge_tolerance_is_relative_to_the_logits(tmp_path):
     """A base with larger weights (initializer_range 0.5: logits up to ~20) rounds its merge by more than 1e-4 in
     absolute terms, ~1e-5 of its largest logit: the check scales with the logits, so the merge passes."""
