@@ -155,9 +155,7 @@ def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) ->
     adapter_dir = check_adapter(run_dir)
     checkpoint = resolve_checkpoint(cfg.model)
     recorded = base_hash_recorded(adapter_dir)
-    if recorded and recorded != checkpoint.sha256:
-        console.print(f"[yellow]warning: the base model's weights differ from those the adapter was trained on "
-                      f"(sha256 {checkpoint.sha256[:12]} vs {recorded[:12]})[/]")
+    other_base = bool(recorded) and recorded != checkpoint.sha256
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     quantize = None if full_precision else cfg.adapter.quantize
     base = load_model(checkpoint, cfg.model, tokenizer, quantize, cfg.adapter.double_quant)
@@ -165,6 +163,15 @@ def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) ->
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except Exception as exc:
-        raise UserError(f"cannot load the adapter in {adapter_dir}: {str(exc).splitlines()[0][:160]}") from None
+        # torch's load errors head their causes (`size mismatch for ...`, one a line) with a line ending in ':'.
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+        fix = (f"load the base it was trained on (sha256 {recorded[:12]}, not {checkpoint.sha256[:12]}; its "
+               "config.yaml names it, so drop any model override)" if other_base
+               else "re-run training, or pass another run=")
+        raise UserError(f"cannot load the adapter in {adapter_dir}: {detail[:240].rstrip('.')}; {fix}") from None
+    if other_base:
+        console.print(f"[yellow]warning: the base model's weights differ from those the adapter was trained on "
+                      f"(sha256 {checkpoint.sha256[:12]} vs {recorded[:12]})[/]")
     model.eval()
     return AdaptedModel(model, tokenizer, checkpoint, adapter_dir, pristine)

@@ -145,6 +145,13 @@ def test_the_trained_adapter_is_not_overridden_after_training(tiny_run, tmp_path
     assert not (tmp_path / "out").exists()
     assert_one_line_error(lora("generate", f"run={run_dir}", "adapter.rr=4"), "did you mean adapter.r")
     assert load_run_config(run_dir, ["adapter.quantize=nf4"]).adapter.quantize == "nf4"
+    # Another base under the adapter: the warning, then the shapes that do not fit, not a bare first line.
+    assert_one_line_error(lora("eval", f"run={run_dir}", "model.architecture.hidden_size=32"), "size mismatch for",
+                          "load the base it was trained on")
+    # Same shapes, other weights: it loads, and says so.
+    other_weights = lora("generate", f"run={run_dir}", "prompt=hi", "generate.max_new_tokens=2", "model.init_seed=1")
+    assert other_weights.returncode == 0, other_weights.stderr
+    assert "differ from those the adapter was trained on" in other_weights.stderr
 
 def test_merge_tolerance_is_relative_to_the_logits(tmp_path):
     """A base with larger weights (initializer_range 0.5: logits up to ~20) rounds its merge by more than 1e-4 in
