@@ -57,19 +57,22 @@ def total(work: dict, c: dict, backward: bool = True) -> float:
     return sum(by_kernel(work, c, backward).values())
 
 
-def matmul_speed(dtype: str = "float32", device: str = "cpu", size: int = 1024, repeats: int = 8) -> float:
-    """FLOP/s of a square GEMM in `dtype` (torch's name) on `device`, timed in this process: the best of `repeats`
-    after a warm-up (this host's speed drifts, and the best is what the hardware can do)."""
+def matmul_speed(dtype: str = "float32", device: str = "cpu", size: int = 1024, repeats: int = 8,
+                 min_seconds: float = 0.3) -> float:
+    """FLOP/s of a square GEMM in `dtype` (torch's name) on `device`, timed in this process: the best of at least
+    `repeats`, over at least `min_seconds`, after a warm-up. This host's speed drifts, and the best is what the
+    hardware can do; 8 GEMMs of 1024 take ~0.1 s, a window a slow phase could fill (a dry-run once read half the
+    speed)."""
     import torch
 
     a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b  # warm-up: first-touch allocations, the thread pool
-    best = float("inf")
-    for _ in range(repeats):
+    best, count, began = float("inf"), 0, time.perf_counter()
+    while count < repeats or time.perf_counter() - began < min_seconds:
         sync()
         start = time.perf_counter()
         a @ b
         sync()
-        best = min(best, time.perf_counter() - start)
+        best, count = min(best, time.perf_counter() - start), count + 1
     return 2 * size**3 / best
