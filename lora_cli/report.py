@@ -6,6 +6,7 @@ import os
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 console = Console(stderr=True, highlight=False)
@@ -132,8 +133,6 @@ def progress_steps(label: str, total: int):
 def eval_table(report: dict) -> None:
     """Base model and adapter side by side, the adapter's most confused labels, then a few sample outputs.
     Every task-metric row names the label mode that produced it; the loss rows are teacher-forced."""
-    from rich.markup import escape
-
     mode = report["label_mode"]
     table = Table(title=f"lora eval: {report['dataset']} ({report['split']}, {report['examples']} examples, "
                         f"label_mode={mode}: {report['decoding']})", title_justify="left")
@@ -160,9 +159,11 @@ def eval_table(report: dict) -> None:
     if report.get("confusion_png"):
         stdout.print(f"confusion matrix (with adapter): {report['confusion_png']}", markup=False)
     for sample in report["samples"]:
-        stdout.print(f"[bold]prompt[/]  {sample['prompt']}\n[bold]gold[/]    {sample['gold']!r}\n"
-                     f"[bold]base[/]    {sample['base']!r}\n[bold]adapter[/] {sample['adapter']!r}\n",
-                     markup=True, highlight=False)
+        # Data and model outputs are text, never markup: `[settings]` must print, `[/x]` must not crash.
+        prompt, gold, base, adapter = (escape(sample["prompt"]),
+                                       *(escape(repr(sample[k])) for k in ("gold", "base", "adapter")))
+        stdout.print(f"[bold]prompt[/]  {prompt}\n[bold]gold[/]    {gold}\n[bold]base[/]    {base}\n"
+                     f"[bold]adapter[/] {adapter}\n", markup=True, highlight=False)
 
 
 def merge_table(result: dict) -> None:
@@ -170,7 +171,8 @@ def merge_table(result: dict) -> None:
     table.add_column(style="bold")
     table.add_column()
     for name, value in [
-        ("output", result["output"]), ("stored dtype", result["dtype"]), ("parameters", f"{result['parameters']:,}"),
+        ("output", escape(result["output"])), ("stored dtype", result["dtype"]),
+        ("parameters", f"{result['parameters']:,}"),
         ("parity", f"{result['parity']}: max |merged - (base + adapter)| = {result['saved_max_abs_diff']:.2e} "
                    f"on {result['probes']} eval examples (allowed {result['allowed_max_abs_diff']:.2e}: "
                    f"merge.tolerance={result['tolerance']:g} of the largest logit, {result['max_abs_logit']:.3g})"),
@@ -189,7 +191,7 @@ def merge_table(result: dict) -> None:
 
 
 def leaderboard(rows: list[dict], metric: str, root) -> None:
-    table = Table(title=f"lora report: {root} (sorted by {metric})", title_justify="left")
+    table = Table(title=f"lora report: {escape(str(root))} (sorted by {metric})", title_justify="left")
     columns = ["run", "status", "variant", "r", "trainable_params", "train_loss", "eval_loss", "accuracy",
                "tokens_per_s", "wall_time_s", "peak_rss_mib"]
     columns = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
@@ -201,7 +203,7 @@ def leaderboard(rows: list[dict], metric: str, root) -> None:
     stdout.print(table)
     for r in rows:
         if r["status"] != "complete":
-            stdout.print(f"[red]{r['run']}: {r['status']}[/]: {r['reason']}")
+            stdout.print(f"[red]{escape(r['run'])}: {r['status']}[/]: {escape(str(r['reason']))}")
     stdout.print(f"wrote {root}/summary.csv and {root}/summary.png")
 
 
@@ -212,4 +214,4 @@ def _cell(value) -> str:
         return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
     if isinstance(value, int):
         return f"{value:,}"
-    return str(value)
+    return escape(str(value))  # run names are folder names: `r[old]` is text, not markup

@@ -54,6 +54,21 @@ def test_eval_on_another_dataset_split(tiny_run, tmp_path, key):
     assert report["dataset"] == "banking77" and report["split"] == "test" and report["examples"] == 12
 
 
+def test_eval_prints_data_with_brackets_as_text(tiny_run, tmp_path):
+    """Rich would read `[bold]` in a prompt as a style and `[/]` as a closing tag with nothing open, a crash after
+    eval.json is written (and, under trainer.eval_at_end, a failed training run)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    rows = [{"messages": [{"role": "user", "content": f"Question {i} about [/] and [bold]x"},
+                          {"role": "assistant", "content": f"label_{i % 2}\nSee [red]Settings[/red] > Cards."}]}
+            for i in range(8)]
+    data = tmp_path / "brackets.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = lora("eval", f"run={run_dir}", "dataset=jsonl", f"dataset.path={data}", "dataset.eval_size=4", *EVAL_FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert "about [/] and [bold]x" in proc.stdout and "[red]Settings[/red]" in proc.stdout
+
+
 LOAD_WITHOUT_LORA_CLI = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
