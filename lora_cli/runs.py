@@ -17,7 +17,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # After training, "the split" is the one to measure: `lora eval run=... dataset.split=test`.
 KEY_ALIASES = {"dataset.split": "dataset.eval_split"}
 # The adapter is what the run trained: of its keys, only how the base is loaded under it may change afterwards
-# (e.g. a QLoRA adapter measured on a full-precision base: adapter.quantize=null).
+# (e.g. a LoRA adapter measured on a 4-bit base: adapter.quantize=nf4). A QLoRA run keeps its 4-bit base in eval
+# and generate (adapter=qlora needs one); `lora merge` loads every base in full precision.
 ADAPTER_KEYS_AFTER_TRAINING = ("adapter.quantize", "adapter.double_quant")
 
 
