@@ -130,14 +130,23 @@ def base_hash_recorded(adapter_dir: Path) -> str | None:
         return (f.metadata() or {}).get("base_model_sha256")
 
 
-def apply_base_weights(base, adapter_dir: Path) -> dict:
-    """Put the base weights a variant trained (BASE_WEIGHTS) into the base; returns the originals."""
+def apply_base_weights(base, adapter_dir: Path, required: bool) -> dict:
+    """Put the base weights a variant trained (BASE_WEIGHTS; `required` for ScaLoRA, which always writes them)
+    into the base; returns the originals. Without them a ScaLoRA adapter would load onto the pristine base and
+    give plausible, wrong numbers."""
     from safetensors.torch import load_file
 
     path = adapter_dir / BASE_WEIGHTS
     if not path.is_file():
+        if required:
+            raise UserError(f"{path} is missing: a ScaLoRA adapter is the base weights it trained plus its low-rank "
+                            "factors, and neither works alone; restore the file or re-run training")
         return {}
-    trained = load_file(path)
+    try:
+        trained = load_file(path)
+    except Exception as exc:
+        raise UserError(f"{path} is corrupted or unreadable ({str(exc).splitlines()[0][:120]}); restore it or "
+                        "re-run training") from None
     state = base.state_dict()
     unknown = sorted(k for k in trained if k not in state or state[k].shape != trained[k].shape)
     if unknown:
@@ -160,7 +169,7 @@ def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) ->
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     quantize = None if full_precision else cfg.adapter.quantize
     base = load_model(checkpoint, cfg.model, tokenizer, quantize, cfg.adapter.double_quant)
-    pristine = apply_base_weights(base, adapter_dir)
+    pristine = apply_base_weights(base, adapter_dir, required=cfg.adapter.name == "scalora")
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
     except Exception as exc:

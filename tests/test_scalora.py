@@ -358,12 +358,21 @@ def test_saved_run_reloads_exactly(trained, pristine, batch, tmp_path):
     assert {p.name for p in tmp_path.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
                                                     BASE_WEIGHTS}
     base = copy.deepcopy(pristine)
-    assert sorted(apply_base_weights(base, tmp_path)) == sorted(adapted_layers(model))
+    assert sorted(apply_base_weights(base, tmp_path, required=True)) == sorted(adapted_layers(model))
     reloaded = PeftModel.from_pretrained(base, tmp_path)
     assert (logits(reloaded, batch) - logits(model, batch)).abs().max() <= 1e-6
     # without the base weights the adapter alone is not the trained model: the merges matter
     assert (logits(PeftModel.from_pretrained(copy.deepcopy(pristine), tmp_path), batch)
             - logits(model, batch)).abs().max() > 1e-4
+    # ...so `lora eval` / `merge` refuse a ScaLoRA adapter without them (or with them damaged), never load it alone.
+    weights = tmp_path / BASE_WEIGHTS
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match="corrupted or unreadable"):
+        apply_base_weights(copy.deepcopy(pristine), tmp_path, required=True)
+    weights.unlink()
+    with pytest.raises(UserError, match="is missing: a ScaLoRA adapter is the base weights"):
+        apply_base_weights(copy.deepcopy(pristine), tmp_path, required=True)
+    assert apply_base_weights(copy.deepcopy(pristine), tmp_path, required=False) == {}
 
 
 def test_resume_is_exact(trained, pristine, batch):
