@@ -383,13 +383,18 @@ def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSpl
         where = f"dataset {cfg.name!r} ({name} split)"
         check_columns(rows, cfg, where)
         conversations = [to_messages(row, cfg) for row in rows]
-        split = tokenize_split(conversations, tokenizer, cfg)
-        if not split.examples:
-            raise UserError(_nothing_to_learn(where, conversations, tokenizer, cfg))
-        splits.append(split)
+        splits.append(tokenize_nonempty(conversations, tokenizer, cfg, where))
         fingerprints.append(fingerprint(conversations))
     digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
     return splits[0], splits[1], digest
+
+
+def tokenize_nonempty(conversations: list[list[dict]], tokenizer, cfg: DatasetConfig, where: str) -> TokenizedSplit:
+    """tokenize_split, refusing a split that `max_seq_len` left with no example (`where` names it)."""
+    split = tokenize_split(conversations, tokenizer, cfg)
+    if not split.examples:
+        raise UserError(_nothing_to_learn(where, conversations, tokenizer, cfg))
+    return split
 
 
 def _nothing_to_learn(where: str, conversations: list[list[dict]], tokenizer, cfg: DatasetConfig) -> str:

@@ -20,7 +20,7 @@ from itertools import chain
 from pathlib import Path
 
 from lora_cli.config import RunConfig
-from lora_cli.data import collate, load_train_eval, sample, to_messages, tokenize_split
+from lora_cli.data import collate, load_train_eval, sample, to_messages, tokenize_nonempty
 from lora_cli.labels import (
     LabelTrie,
     build_trie,
@@ -194,7 +194,7 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
     prompts = [c[:-1] for c in conversations]
     golds = [c[-1]["content"] for c in conversations]
     trie = build_trie(tokenizer, labels) if mode != "generate" else None
-    split = tokenize_split(conversations, tokenizer, cfg.dataset)
+    split = tokenize_nonempty(conversations, tokenizer, cfg.dataset, f"dataset {cfg.dataset.name!r} (eval split)")
     examples = sorted(split.examples, key=lambda e: len(e["input_ids"]))
     batches = [collate(examples[i:i + cfg.eval.batch_size], pad_id=tokenizer.pad_token_id)
                for i in range(0, len(examples), cfg.eval.batch_size)]

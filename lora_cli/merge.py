@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lora_cli import __version__
 from lora_cli.config import RunConfig
-from lora_cli.data import collate, load_train_eval, sample, to_messages, tokenize_split
+from lora_cli.data import collate, load_train_eval, sample, to_messages, tokenize_nonempty
 from lora_cli.errors import UserError
 from lora_cli.paths import publish, staging_dir
 from lora_cli.report import merge_table
@@ -43,7 +43,8 @@ def probe_batch(cfg: RunConfig, tokenizer) -> dict:
     """A few real eval examples (prompt and reply), padded into one batch."""
     _, eval_rows = load_train_eval(cfg.dataset)
     rows = sample(eval_rows, cfg.merge.probes)
-    split = tokenize_split([to_messages(r, cfg.dataset) for r in rows], tokenizer, cfg.dataset)
+    split = tokenize_nonempty([to_messages(r, cfg.dataset) for r in rows], tokenizer, cfg.dataset,
+                              f"merge probes from dataset {cfg.dataset.name!r} (eval split)")
     return collate(split.examples, pad_id=tokenizer.pad_token_id)
 
 

@@ -147,7 +147,7 @@ def test_merge_refuses_what_it_cannot_do_cleanly(tiny_run, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(("o", ".o"))]
 
 
-def test_the_trained_adapter_is_not_overridden_after_training(tiny_run, tmp_path):
+def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_path):
     """`lora eval run=... adapter.r=4` would change what the report and the merged model's card say, not the saved
     weights: refused, naming what the run trained. How the base loads under the adapter may still change."""
     from lora_cli.runs import load_run_config
@@ -160,6 +160,12 @@ def test_the_trained_adapter_is_not_overridden_after_training(tiny_run, tmp_path
     assert not (tmp_path / "out").exists()
     assert_one_line_error(lora("generate", f"run={run_dir}", "adapter.rr=4"), "did you mean adapter.r")
     assert load_run_config(run_dir, ["adapter.quantize=nf4"]).adapter.quantize == "nf4"
+    # A max_seq_len that leaves nothing to score: the same one-line reason training gives, nothing written.
+    assert_one_line_error(lora("eval", f"run={run_dir}", "dataset.max_seq_len=8"), "(eval split)",
+                          "dataset.max_seq_len=8 leaves no reply token")
+    assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / 'out'}", "dataset.max_seq_len=8"),
+                          "merge probes", "dataset.max_seq_len=8 leaves no reply token")
+    assert not (tmp_path / "out").exists()
     # Another base under the adapter: the warning, then the shapes that do not fit, not a bare first line.
     assert_one_line_error(lora("eval", f"run={run_dir}", "model.architecture.hidden_size=32"), "size mismatch for",
                           "load the base it was trained on")
