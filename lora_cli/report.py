@@ -167,17 +167,26 @@ def eval_table(report: dict) -> None:
 
 
 def merge_table(result: dict) -> None:
+    """The merge's summary. Parity is checked on the fp32 checkpoint as reloaded from disk; a lower merge.dtype is
+    checked on the fp32 merge in memory, and its storage rounding has a row of its own."""
+    fp32 = result["dtype"] == "float32"
+    checked = result["saved_max_abs_diff"] if fp32 else result["merge_max_abs_diff"]
+    where = ", reloaded from disk" if fp32 else f", fp32 merge before storing {result['dtype']}"
     table = Table(title="lora merge: summary", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     for name, value in [
         ("output", escape(result["output"])), ("stored dtype", result["dtype"]),
         ("parameters", f"{result['parameters']:,}"),
-        ("parity", f"{result['parity']}: max |merged - (base + adapter)| = {result['saved_max_abs_diff']:.2e} "
-                   f"on {result['probes']} eval examples (allowed {result['allowed_max_abs_diff']:.2e}: "
+        ("parity", f"{result['parity']}: max |merged - (base + adapter)| = {checked:.2e} "
+                   f"on {result['probes']} eval examples{where} (allowed {result['allowed_max_abs_diff']:.2e}: "
                    f"merge.tolerance={result['tolerance']:g} of the largest logit, {result['max_abs_logit']:.3g})"),
     ]:
         table.add_row(name, value)
+    if not fp32:
+        table.add_row(f"{result['dtype']} storage", f"max |saved - (base + adapter)| = "
+                                                    f"{result['saved_max_abs_diff']:.2e} (the rounding of storing "
+                                                    f"{result['dtype']}; reported, not checked)")
     if result.get("quantized_max_abs_diff") is not None:
         table.add_row("4-bit base error", f"max |(4-bit base + adapter) - merged| = "
                                           f"{result['quantized_max_abs_diff']:.3g} (the quantisation error the "

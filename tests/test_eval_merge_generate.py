@@ -174,6 +174,22 @@ def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_pa
     assert other_weights.returncode == 0, other_weights.stderr
     assert "differ from those the adapter was trained on" in other_weights.stderr
 
+def test_merge_stores_bfloat16_after_checking_the_fp32_merge(tiny_run, tmp_path):
+    """merge.dtype=bfloat16: the parity check runs on the fp32 merge; the storage rounding is reported apart,
+    never shown as the checked number."""
+    from safetensors import safe_open
+
+    out = tmp_path / "merged"
+    proc = lora("merge", f"run={tiny_run[0]}", f"output={out}", "merge.dtype=bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "lora_cli_merge.json").read_text())
+    assert record["merge_max_abs_diff"] <= record["allowed_max_abs_diff"] < record["saved_max_abs_diff"]
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}  # noqa: SIM118
+    text = " ".join(proc.stdout.replace("│", " ").split())  # the table's cells, unwrapped
+    assert f"= {record['merge_max_abs_diff']:.2e}" in text and "reported, not checked" in text
+
+
 def test_merge_tolerance_is_relative_to_the_logits(tmp_path):
     """A base with larger weights (initializer_range 0.5: logits up to ~20) rounds its merge by more than 1e-4 in
     absolute terms, ~1e-5 of its largest logit: the check scales with the logits, so the merge passes."""
