@@ -7,6 +7,7 @@ rejects values that type-check but make no sense, naming the key and the fix.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -115,7 +116,8 @@ class DatasetConfig:
                  f"dataset {self.name!r} has neither dataset.path nor dataset.hub_id; "
                  "set dataset.path=FILE_OR_DIR")
         _require(self.max_seq_len > 0, f"dataset.max_seq_len={self.max_seq_len} must be > 0")
-        _require(self.eval_size > 0, f"dataset.eval_size={self.eval_size} must be > 0")
+        _require(0 < self.eval_size < math.inf,
+                 f"dataset.eval_size={self.eval_size} must be > 0 (a count when >= 1, a fraction of train when < 1)")
         for key in ("max_train_examples", "max_eval_examples"):
             value = getattr(self, key)
             _require(value is None or value > 0, f"dataset.{key}={value} must be > 0 (or null for all)")
@@ -275,7 +277,9 @@ class TrainerConfig:
         _require(self.grad_accum > 0, f"trainer.grad_accum={self.grad_accum} must be > 0")
         _require(self.max_steps is None or self.max_steps > 0,
                  f"trainer.max_steps={self.max_steps} must be > 0 (or null to train for trainer.epochs)")
-        _require(self.epochs > 0, f"trainer.epochs={self.epochs} must be > 0")
+        _require(0 < self.epochs < math.inf, f"trainer.epochs={self.epochs} must be > 0 and finite")
+        _require(self.weight_decay >= 0, f"trainer.weight_decay={self.weight_decay} must be >= 0")
+        _require(0 <= self.seed < 2**32, f"trainer.seed={self.seed} must be in [0, 2**32)")
         _require(0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
         _require(self.max_grad_norm > 0, f"trainer.max_grad_norm={self.max_grad_norm} must be > 0")
         _require(self.eval_every > 0, f"trainer.eval_every={self.eval_every} must be > 0")
@@ -368,6 +372,10 @@ class MergeConfig:
         _require_choice(self.dtype, "merge.dtype", DTYPES)
         _require(self.tolerance > 0, f"merge.tolerance={self.tolerance} must be > 0")
         _require(self.probes > 0, f"merge.probes={self.probes} must be > 0")
+        # What transformers' save_pretrained parses (utils.hub.convert_file_size_to_int): digits, then a unit.
+        _require(re.fullmatch(r"\d+(gib|mib|kib|gb|mb|kb)", str(self.max_shard_size), re.IGNORECASE) is not None,
+                 f"merge.max_shard_size={self.max_shard_size!r} must be a whole number and a unit, e.g. 2GB, 500MB "
+                 "or 1GiB")
         _require(self.export_rank is None or self.export_rank > 0,
                  f"merge.export_rank={self.export_rank} must be > 0 (or null)")
 

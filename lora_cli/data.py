@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -217,10 +218,15 @@ def load_train_eval(cfg: DatasetConfig):
     if cfg.eval_split:
         evaluation = load_split(cfg, cfg.eval_split)
     else:
+        if len(train) < 2:
+            raise UserError(f"dataset {cfg.name!r} has {len(train)} row(s) in its {cfg.train_split} split: holding "
+                            "examples out for eval needs at least 2; add rows, or give it an eval split "
+                            "(a folder with train and eval files, and dataset.eval_split=NAME)")
         size = int(cfg.eval_size) if cfg.eval_size >= 1 else cfg.eval_size
-        if len(train) < 2 or (isinstance(size, int) and size >= len(train)):
-            raise UserError(f"dataset.eval_size={cfg.eval_size} leaves no training data out of {len(train)} "
-                            "rows; lower it or set dataset.eval_split")
+        held_out = size if isinstance(size, int) else math.ceil(size * len(train))  # as train_test_split counts
+        if held_out >= len(train):
+            raise UserError(f"dataset.eval_size={cfg.eval_size} holds out {held_out} of {len(train)} rows, leaving "
+                            f"none to train on; lower it (e.g. dataset.eval_size=0.1) or set dataset.eval_split")
         parts = train.train_test_split(test_size=size, seed=HOLDOUT_SEED, shuffle=True)
         train, evaluation = parts["train"], parts["test"]
     return sample(train, cfg.max_train_examples), sample(evaluation, cfg.max_eval_examples)
