@@ -63,6 +63,8 @@ RUN_MARKERS = (".hydra", "metrics.jsonl", FOLDER, RUN_RECORD)
 def check_run_dir(run_dir: Path, resume: str | None) -> None:
     """A run dir is written by one run: a finished one is never touched, an unfinished one only resumed, and a
     folder of the user's own is never written into (a run writes README.md, config.yaml and more there)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"hydra.run.dir={run_dir} is a file, not a folder; pick a new or empty folder")
     if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / name).exists() for name in RUN_MARKERS):
         found = sorted(p.name for p in run_dir.iterdir())
         raise UserError(f"hydra.run.dir={run_dir} holds files that no lora run wrote ({', '.join(found[:3])}"

@@ -91,6 +91,8 @@ def run_train(args: list[str]) -> int:
 
             run = to_run_config(composed)  # value checks (r > 0, ...) before Hydra creates a run dir
             run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
+            if run_dir and "${" in run_dir:  # e.g. hydra.run.dir='runs/r${adapter.r}': check the folder it names
+                run_dir = overrides.run_dir(configs, recipes, args)
             preflight(run, run_dir)
             if launched.world_size() > 1:
                 if not run_dir:
@@ -157,6 +159,7 @@ def train_job(cfg) -> None:
     from hydra.types import RunMode
 
     from lora_cli import launched
+    from lora_cli.checkpoint import check_run_dir
     from lora_cli.errors import Interrupted
     from lora_cli.report import quiet_libraries
     from lora_cli.sweep import write_run_record
@@ -176,6 +179,15 @@ def train_job(cfg) -> None:
                 fail(message)
 
     try:
+        # A sweep's job dir (or the default timestamped one) holding another run: refused before this job writes
+        # anything of its own there, run.json included, so the other run's record stays as it was.
+        check_run_dir(run_dir, cfg.get("resume"))
+    except UserError as exc:
+        fail(str(exc))
+        if not in_sweep:
+            sys.exit(2)
+        return
+    try:
         finish("complete", result=_train_and_evaluate(cfg, run_dir, command))
     except Interrupted as exc:
         kept = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
@@ -193,12 +205,10 @@ def train_job(cfg) -> None:
 
 
 def _train_and_evaluate(cfg, run_dir: Path, command: str) -> dict:
-    from lora_cli.checkpoint import check_run_dir
     from lora_cli.config import to_run_config
     from lora_cli.train import train
 
     run = to_run_config(cfg)
-    check_run_dir(run_dir, run.resume)  # a sweep's job dirs, or the default timestamped dir
     result, _ = train(run, run_dir, command)
     if run.trainer.eval_at_end:
         from lora_cli.evaluate import evaluate_run

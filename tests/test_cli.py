@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -61,6 +62,18 @@ def test_bad_overrides_fail_in_one_line_before_a_run_dir_exists(tmp_path, args, 
     proc = lora("train", "recipe=banking_support", *args, f"hydra.run.dir={tmp_path / 'run'}")
     assert_one_line_error(proc, *needles)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_dir_that_is_a_file_or_names_a_finished_run_by_interpolation_is_refused(tiny_run, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    assert_one_line_error(lora("train", "recipe=banking_support", *TINY, f"hydra.run.dir={tmp_path / 'afile'}"),
+                          "is a file, not a folder")
+    finished = tmp_path / "r16"
+    shutil.copytree(tiny_run[0], finished)
+    record = (finished / "run.json").read_text()
+    proc = lora("train", "recipe=banking_support", *TINY, "adapter.r=16", f"hydra.run.dir={tmp_path}/r${{adapter.r}}")
+    assert_one_line_error(proc, f"{finished} already holds a trained adapter")
+    assert (finished / "run.json").read_text() == record and (tmp_path / "afile").read_text() == "mine"
 
 
 @pytest.mark.parametrize("args", [["adapter.rank=8"], ["model=tiny_llama", "adapter.layers=[0,5]"]])

@@ -41,6 +41,17 @@ def test_a_failed_job_is_a_row_and_the_others_complete(tmp_path):
     assert (tmp_path / "summary.png").is_file()
 
 
+def test_the_same_sweep_again_leaves_the_finished_jobs_as_they_were(tmp_path):
+    """Job dirs are named by job number and rank: a second identical sweep lands in the first one's folders.
+    Each job is refused there before it writes anything, its run.json included."""
+    assert lora("train", *SWEEP, "adapter.r=2", f"hydra.sweep.dir={tmp_path}").returncode == 0
+    record = next(tmp_path.glob("*/run.json"))
+    before = record.read_text()
+    again = lora("train", *SWEEP, "adapter.r=2", f"hydra.sweep.dir={tmp_path}")
+    assert "already holds a trained adapter" in again.stderr
+    assert record.read_text() == before and [r["status"] for r in read_summary(tmp_path)] == ["complete"]
+
+
 def test_type_errors_in_a_sweep_stop_it_before_it_starts(tmp_path):
     assert_one_line_error(lora("train", *SWEEP, "adapter.r=2,x", f"hydra.sweep.dir={tmp_path}"), "adapter.r")
     assert not list(tmp_path.iterdir())
