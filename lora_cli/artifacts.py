@@ -103,6 +103,28 @@ def peak_memory() -> dict[str, float]:
     return peak
 
 
+def reset_peak_memory() -> None:
+    """Start this run's peak afresh. A sweep runs its jobs in one process, whose high-water mark would carry the
+    largest earlier job into every later one (a batch-1 job reported a batch-200 job's 5.9 GiB); freed heap goes
+    back to the OS first (malloc_trim), so what an earlier job kept for reuse does not count either. Linux
+    (/proc/self/clear_refs) and CUDA; elsewhere the peak stays the process's."""
+    import ctypes
+    import ctypes.util
+
+    import torch
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def resident_memory() -> int:
     """This process's resident memory now, in bytes; its peak where /proc is missing (macOS). A peak would count
     what a step before took once and gave back, such as converting the embedded GGUF on a first run."""

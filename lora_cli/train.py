@@ -418,6 +418,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     from lora_cli.artifacts import config_yaml
 
     started = time.perf_counter()
+    artifacts.reset_peak_memory()
     if cfg.trainer.keep_freed_memory:
         keep_freed_memory()
     # accelerate keeps one state per process and refuses a second precision in it, but a sweep

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
 
 from conftest import TINY, lora
@@ -50,6 +51,17 @@ def test_the_same_sweep_again_leaves_the_finished_jobs_as_they_were(tmp_path):
     again = lora("train", *SWEEP, "adapter.r=2", f"hydra.sweep.dir={tmp_path}")
     assert "already holds a trained adapter" in again.stderr
     assert record.read_text() == before and [r["status"] for r in read_summary(tmp_path)] == ["complete"]
+
+
+def test_each_job_of_a_sweep_reports_its_own_peak_memory(tmp_path):
+    """The jobs share one process: without a reset, its high-water mark (set by a big first job) was every later
+    job's peak too."""
+    proc = lora("train", *SWEEP, "trainer.max_steps=1", "dataset.max_train_examples=120", "trainer.batch_size=120,1",
+                f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    peaks = {re.search(r"trainer.batch_size=(\d+)", r["overrides"])[1]: float(r["peak_rss_mib"])
+             for r in read_summary(tmp_path)}
+    assert peaks["1"] < 0.6 * peaks["120"], peaks
 
 
 def test_type_errors_in_a_sweep_stop_it_before_it_starts(tmp_path):
