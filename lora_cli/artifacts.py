@@ -3,6 +3,7 @@ the model card. Writers here only write; they decide nothing about training."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import resource
 import shutil
@@ -113,14 +114,10 @@ def reset_peak_memory() -> None:
 
     import torch
 
-    try:
+    with contextlib.suppress(OSError, AttributeError, TypeError):  # no glibc (macOS, musl)
         ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
-        pass
-    try:
+    with contextlib.suppress(OSError):  # no /proc
         Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
-    except OSError:
-        pass
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
