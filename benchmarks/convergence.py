@@ -232,11 +232,12 @@ def full_ft_worker(run_dir: Path, deadline: float, overrides: list[str]) -> None
                 loss_sum += float(loss.detach())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, trainer.max_grad_norm)
             optimizer.step()
+            lr = scheduler.get_last_lr()[0]  # the rate this step used
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             elapsed = time.perf_counter() - t0
             seen = sum(len(e["input_ids"]) for e in step_examples)
-            log({"step": step, "loss": loss_sum / step_tokens, "lr": scheduler.get_last_lr()[0],
+            log({"step": step, "loss": loss_sum / step_tokens, "lr": lr,
                  "grad_norm": float(grad_norm), "tokens": seen, "tokens_per_s": seen / elapsed})
             out_of_time = time.time() > deadline and step < steps
             if step % trainer.eval_every == 0 or step == steps or out_of_time:

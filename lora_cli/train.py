@@ -523,6 +523,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
                                 "or set trainer.on_nonfinite=skip to drop such steps")
             else:
                 record |= {"skipped": "non-finite"}
+            lr = scheduler.get_last_lr()[0]  # the rate this step's update used, before the schedule moves on
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             record |= variant.after_step(peft_model)
@@ -530,7 +531,6 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
             seen = sum(len(e["input_ids"]) for e in step_examples)
             elapsed = time.perf_counter() - t0
             state.tokens, state.train_time = state.tokens + seen, state.train_time + elapsed
-            lr = scheduler.get_last_lr()[0]
             metrics.log({"step": step, "loss": train_loss, "lr": lr, **record, "tokens": seen,
                          "trained_tokens": step_tokens, "padded_tokens": padded, "tokens_per_s": seen / elapsed})
             progress.update(task, advance=1, loss=train_loss, lr=lr, tps=state.tokens / state.train_time)

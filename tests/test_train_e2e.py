@@ -32,6 +32,16 @@ def test_loss_goes_down(tiny_run):
     assert train[-1] < train[0]
 
 
+def test_each_step_logs_the_learning_rate_its_update_used(tmp_path):
+    """Two warmup steps of a constant schedule: the updates use 0, lr/2, then lr; the log said one step ahead."""
+    run_dir = tmp_path / "run"
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=4", "trainer.schedule=constant",
+                "trainer.warmup_ratio=0.5", "trainer.lr=1e-3", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    steps = [r for r in read_metrics(run_dir) if "lr" in r]
+    assert [r["lr"] for r in steps] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
+
+
 def test_provenance_in_safetensors_metadata(tiny_run):
     from lora_cli.models import sha256_weights
 
