@@ -44,6 +44,7 @@ class TrainState:
     consumed: int = 0
     tokens: int = 0
     train_time: float = 0.0
+    data_fingerprint: str = ""  # data.prepare's hash of the examples: a resumed run must train on the same ones
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -108,6 +109,15 @@ def check_same_run(path: Path, config_yaml: str) -> None:
         more = f" and {len(differ) - 4} more" if len(differ) > 4 else ""
         raise UserError(f"resume={path} belongs to a run with a different config: {shown}{more}; resume with "
                         "the same settings or start a new run")
+
+
+def check_same_data(path: Path, fingerprint: str) -> None:
+    """Refuse to resume on examples other than the checkpoint's: the config can be the same while the files it
+    names were edited, and the data order and the steps left would then belong to neither."""
+    saved = json.loads((path / STATE).read_text())["state"].get("data_fingerprint")
+    if saved and saved != fingerprint:
+        raise UserError(f"resume={path} was trained on other examples (data fingerprint {saved[:12]}, now "
+                        f"{fingerprint[:12]}): the dataset's files changed since; restore them, or start a new run")
 
 
 def _flatten(node, prefix: str = "") -> dict:

@@ -440,6 +440,8 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     base = resolve_checkpoint(cfg.model)  # under a lock: one process builds a missing cache entry
     tokenizer = load_tokenizer(base, cfg.model)
     train_split, eval_split, data_fingerprint = prepare(cfg.dataset, tokenizer)
+    if resume_from:
+        checkpoint.check_same_data(resume_from, data_fingerprint)
     step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * world  # examples per optimizer step
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
     # Sharded parameters are gathered by hooks on the modules whose forward runs; the fused LoRA layer reads
@@ -456,7 +458,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     compiled = cfg.trainer.compile and compile_blocks(model, accelerator.device)
     trainable, total_params = model.get_nb_trainable_parameters()
     optimizer, scheduler = build_optimizer(variant.param_groups(model, cfg.trainer), cfg.trainer, steps)
-    state, records = TrainState(), []
+    state, records = TrainState(data_fingerprint=data_fingerprint), []
     if resume_from:
         state, records = checkpoint.restore(resume_from, model, variant, optimizer, scheduler)
     fit_plugins(accelerator, model, cfg.trainer)

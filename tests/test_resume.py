@@ -7,6 +7,7 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,20 @@ def test_resume_refuses_another_config_and_non_checkpoints(tmp_path):
     assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, f"resume={tmp_path}",
                                f"hydra.run.dir={tmp_path / 'other'}"), "not a lora-cli checkpoint")
     assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, "resume=auto"), "hydra.run.dir")
+
+
+def test_resume_refuses_a_checkpoint_of_other_examples(tmp_path):
+    """Same config, edited data file: resuming would continue an order and a step count that fit neither."""
+    data = tmp_path / "data.jsonl"
+    data.write_text((Path(__file__).parent / "bad_inputs" / "data" / "ok.jsonl").read_text())
+    args = [*TINY, "dataset=jsonl", f"dataset.path={data}", "dataset.eval_size=2", "trainer.batch_size=2",
+            "trainer.max_steps=2", "trainer.save_every=1"]
+    assert lora("train", "recipe=banking_support", *args, f"hydra.run.dir={tmp_path / 'run'}").returncode == 0
+    step_1 = tmp_path / "run" / "checkpoints" / "step-000001"
+    data.write_text(data.read_text().replace("Freeze it in the app.", "Call us."))
+    assert_one_line_error(lora("train", "recipe=banking_support", *args, f"resume={step_1}",
+                               f"hydra.run.dir={tmp_path / 'again'}"), "trained on other examples",
+                          "files changed")
 
 
 def test_checkpoints_are_pruned_to_the_newest(tmp_path):
