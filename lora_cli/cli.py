@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -168,7 +169,10 @@ def train_job(cfg) -> None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    command = " ".join(["lora train", *hydra_cfg.overrides.task])
+    # What reproduces the run from scratch (an exact resume trains the same adapter, so `resume=` is left out),
+    # quoted so that it pastes into a shell as it ran: `dataset.system_prompt=Be brief` is one argument.
+    from_scratch = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
+    command = shlex.join(["lora", "train", *from_scratch])
     record = {"overrides": list(hydra_cfg.overrides.task), "variant": cfg.adapter.name, "r": cfg.adapter.r,
               "alpha": cfg.adapter.alpha}
 
@@ -190,9 +194,8 @@ def train_job(cfg) -> None:
     try:
         finish("complete", result=_train_and_evaluate(cfg, run_dir, command))
     except Interrupted as exc:
-        kept = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
-        finish("interrupted", f"{exc}; continue with: lora train {' '.join(kept)} resume=auto "
-                              f"hydra.run.dir={run_dir}", reason=str(exc))
+        resume = shlex.join(["lora", "train", *from_scratch, "resume=auto", f"hydra.run.dir={run_dir}"])
+        finish("interrupted", f"{exc}; continue with: {resume}", reason=str(exc))
         sys.exit(130)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
@@ -271,5 +274,5 @@ def run_on_finished_run(command: str, args: list[str]) -> int:
     else:
         from lora_cli.merge import merge_run
 
-        merge_run(run_dir, Path(named["output"]).expanduser(), cfg, " ".join(["lora", command, *args]))
+        merge_run(run_dir, Path(named["output"]).expanduser(), cfg, shlex.join(["lora", command, *args]))
     return 0

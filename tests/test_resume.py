@@ -4,6 +4,7 @@ checkpoints and says how to continue; a checkpoint of another config is refused;
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import time
@@ -79,15 +80,20 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, variant):
 
 def test_ctrl_c_checkpoints_exits_130_and_says_how_to_resume(tmp_path):
     run_dir = tmp_path / "run"
-    proc = interrupt_after(RESUMABLE, run_dir, step=3, sig=signal.SIGINT)
+    args = [*RESUMABLE, "dataset.system_prompt=Be brief and kind."]  # a value with spaces must paste back whole
+    proc = interrupt_after(args, run_dir, step=3, sig=signal.SIGINT)
     stderr = proc.stderr.read()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
-    assert f"resume=auto hydra.run.dir={run_dir}" in stderr.splitlines()[-1]
+    advice = stderr.splitlines()[-1].split("continue with: ")[1]
+    assert advice.endswith(f"resume=auto hydra.run.dir={run_dir}")
     assert list((run_dir / "checkpoints").glob("step-*/state.json"))
     assert not (run_dir / "adapter").exists()
-    resumed = lora("train", "recipe=banking_support", *RESUMABLE, "resume=auto", f"hydra.run.dir={run_dir}")
+    program, command, *resume_args = shlex.split(advice)  # the printed command, as a shell would split it
+    assert (program, command) == ("lora", "train")
+    resumed = lora(command, *resume_args)
     assert resumed.returncode == 0, resumed.stderr
+    assert "'dataset.system_prompt=Be brief and kind.'" in (run_dir / "README.md").read_text()  # Reproduce
     assert [s for s, _ in losses(run_dir)] == list(range(1, 25))
 
 
