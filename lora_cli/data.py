@@ -67,15 +67,17 @@ def _split_file(folder: Path, split: str) -> Path:
 def _load_file(path: Path, cfg: DatasetConfig):
     """Check the file before `datasets` reads it: its reader's errors span lines and lack line numbers."""
     _check_readable(path)
+    options = {}
     if path.suffix == ".jsonl":
         _scan_jsonl(path, cfg)
     elif path.suffix == ".csv":
         _check_csv_has_rows(path)
+        options = _csv_as_text(path)
     from datasets import load_dataset
 
     try:
         with _datasets_silenced():
-            return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train")
+            return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train", **options)
     except Exception as exc:
         raise UserError(f"could not read dataset file {path}: {_first_line(exc)}; check its format") from None
 
@@ -155,6 +157,18 @@ def _check_csv_has_rows(path: Path) -> None:
             if count == 1:
                 return
     raise UserError(f"dataset file {path} has a header but no data rows; add examples, one per line")
+
+
+def _csv_as_text(path: Path) -> dict:
+    """Every CSV cell as the text it is: pandas would read a reply `00507` as the number 507, and `None` or `NA`
+    as a missing value."""
+    import csv
+
+    from datasets import Features, Value
+
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:  # -sig: as pandas, drop a BOM
+        header = next(csv.reader(f))
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
 
 
 def _json_row(text: str, path: Path, number: int) -> dict:

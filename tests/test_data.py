@@ -7,7 +7,15 @@ import json
 import pytest
 from conftest import compose_run
 
-from lora_cli.data import IGNORE_INDEX, collate, prepare, to_messages, tokenize_conversation, tokenize_split
+from lora_cli.data import (
+    IGNORE_INDEX,
+    collate,
+    load_train_eval,
+    prepare,
+    to_messages,
+    tokenize_conversation,
+    tokenize_split,
+)
 from lora_cli.errors import UserError
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "I lost my card"},
@@ -45,6 +53,17 @@ def test_columns_format_becomes_a_chat_with_the_system_prompt():
     assert to_messages({"prompt": "hi", "completion": "hello"}, cfg) == [
         {"role": "system", "content": "S"}, {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "hello"}]
+
+
+def test_csv_cells_are_read_as_the_text_they_are(tmp_path):
+    """pandas guesses types: a reply `00507` became 507 and `None` / `NA` became missing values. A BOM is dropped."""
+    path = tmp_path / "codes.csv"
+    path.write_text("\ufeffprompt,completion\nMy code?,00507\nSay nothing,None\nThe flag,NA\nA price,1.50\n",
+                    encoding="utf-8")
+    cfg = compose_run(["dataset=csv", f"dataset.path={path}", "dataset.eval_size=1"]).dataset
+    train, evaluation = load_train_eval(cfg)
+    replies = {to_messages(row, cfg)[-1]["content"] for rows in (train, evaluation) for row in rows}
+    assert replies == {"00507", "None", "NA", "1.50"}
 
 
 def test_truncation_is_counted_and_empty_examples_dropped(tokenizer):
