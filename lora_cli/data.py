@@ -268,6 +268,16 @@ def to_messages(row: dict, cfg: DatasetConfig) -> list[dict]:
     return messages
 
 
+def split_at_last_reply(messages: list[dict]) -> tuple[list[dict], str]:
+    """(the turns before the last assistant turn, that turn's text): what `lora eval` prompts with and scores
+    against. Turns after it (a closing user message) carry no label in training, and are no reply to score."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        raise UserError(f"a conversation has no assistant turn to score ({messages[-1]['content'][:60]!r}); "
+                        "every example needs a reply")
+    return messages[:last], messages[last]["content"]
+
+
 def _needed_columns(cfg: DatasetConfig) -> list[str]:
     return [cfg.messages_column] if cfg.format == "messages" else [cfg.prompt_column, cfg.completion_column]
 

@@ -20,7 +20,7 @@ from itertools import chain
 from pathlib import Path
 
 from lora_cli.config import RunConfig
-from lora_cli.data import collate, load_train_eval, sample, to_messages, tokenize_nonempty
+from lora_cli.data import collate, load_train_eval, sample, split_at_last_reply, to_messages, tokenize_nonempty
 from lora_cli.labels import (
     LabelTrie,
     build_trie,
@@ -191,8 +191,7 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
     labels = gold_labels(chain(train_rows, eval_rows), cfg.dataset)
     eval_rows = sample(eval_rows, cfg.eval.max_samples)
     conversations = [to_messages(row, cfg.dataset) for row in eval_rows]
-    prompts = [c[:-1] for c in conversations]
-    golds = [c[-1]["content"] for c in conversations]
+    prompts, golds = (list(part) for part in zip(*map(split_at_last_reply, conversations), strict=True))
     trie = build_trie(tokenizer, labels) if mode != "generate" else None
     split = tokenize_nonempty(conversations, tokenizer, cfg.dataset, f"dataset {cfg.dataset.name!r} (eval split)")
     examples = sorted(split.examples, key=lambda e: len(e["input_ids"]))

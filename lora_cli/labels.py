@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lora_cli.config import DatasetConfig
-from lora_cli.data import IGNORE_INDEX, load_train_eval, to_messages, tokenize_conversation
+from lora_cli.data import IGNORE_INDEX, load_train_eval, split_at_last_reply, to_messages, tokenize_conversation
 from lora_cli.errors import UserError
 from lora_cli.report import progress_steps
 
@@ -42,7 +42,7 @@ def first_line(text: str) -> str:
 
 def gold_labels(rows: Iterable[dict], cfg: DatasetConfig) -> list[str]:
     """The valid labels: every gold reply's first line among `rows`, sorted."""
-    return sorted({first_line(to_messages(row, cfg)[-1]["content"]) for row in rows})
+    return sorted({first_line(split_at_last_reply(to_messages(row, cfg))[1]) for row in rows})
 
 
 def load_labels(cfg: DatasetConfig) -> list[str]:

@@ -69,6 +69,25 @@ def test_eval_prints_data_with_brackets_as_text(tiny_run, tmp_path):
     assert "about [/] and [bold]x" in proc.stdout and "[red]Settings[/red]" in proc.stdout
 
 
+def test_eval_scores_the_last_reply_not_a_closing_user_turn(tiny_run, tmp_path):
+    """A chat may end with the user's "thanks": the gold is the last assistant turn, and the prompt what precedes
+    it (the closing turn had become the gold label, and the only label)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    labels = ["card_arrival", "lost_or_stolen_card"]
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}"},
+                          {"role": "assistant", "content": f"{labels[i % 2]}\nSee the app."},
+                          {"role": "user", "content": "thanks, bye"}]} for i in range(8)]
+    data = tmp_path / "closing.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = lora("eval", f"run={run_dir}", "dataset=jsonl", f"dataset.path={data}", "dataset.eval_size=4",
+                "dataset.task_metric=exact_match", "eval.label_mode=constrained", *EVAL_FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["labels"] == 2
+    assert all(s["gold"].split("\n")[0] in labels and s["prompt"].startswith("Question") for s in report["samples"])
+
+
 LOAD_WITHOUT_LORA_CLI = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
