@@ -197,6 +197,14 @@ def train_job(cfg) -> None:
         resume = shlex.join(["lora", "train", *from_scratch, "resume=auto", f"hydra.run.dir={run_dir}"])
         finish("interrupted", f"{exc}; continue with: {resume}", reason=str(exc))
         sys.exit(130)
+    except KeyboardInterrupt:  # Ctrl-C outside the loop's steps, which turn it into a checkpoint (Interrupted)
+        if (run_dir / "adapter").is_dir():
+            reason = (f"interrupted during the end-of-run evaluation; the trained adapter is saved: run "
+                      f"`lora eval run={run_dir}`")
+        else:
+            reason = "interrupted before the first training step; nothing was trained: run the command again"
+        finish("interrupted", reason, reason=reason)
+        sys.exit(130)
     except Exception as exc:
         reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
         if cfg.get("debug") or not (in_sweep or isinstance(exc, UserError)):

@@ -97,6 +97,25 @@ def test_ctrl_c_checkpoints_exits_130_and_says_how_to_resume(tmp_path):
     assert [s for s, _ in losses(run_dir)] == list(range(1, 25))
 
 
+def test_ctrl_c_in_the_end_of_run_eval_is_recorded_as_such(tmp_path, monkeypatch):
+    """After the adapter is written, trainer.eval_at_end runs `lora eval`; a Ctrl-C there left no run.json, and
+    `lora report` took the run for complete."""
+    import lora_cli.evaluate
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_cli.evaluate, "evaluate_run", interrupted)
+    run_dir = tmp_path / "run"
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.eval_at_end=true", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]
+    assert last.startswith("lora: error: interrupted during the end-of-run evaluation") and \
+        f"lora eval run={run_dir}" in last
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_resume_refuses_another_config_and_non_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     killed = interrupt_after(RESUMABLE, run_dir, step=5, sig=signal.SIGKILL)
