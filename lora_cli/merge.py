@@ -30,7 +30,13 @@ def check_output(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
     if out_dir.resolve() in (run_dir.resolve(), *run_dir.resolve().parents):
         raise UserError(f"output={out_dir} holds the run being merged ({run_dir}) and would be replaced; choose a "
                         "folder outside it")
-    if not out_dir.exists() or out_dir.is_dir() and not any(out_dir.iterdir()):
+    if out_dir.is_symlink():
+        raise UserError(f"output={out_dir} is a symbolic link, and a merge replaces its output as a whole; pass the "
+                        f"folder it points to ({out_dir.resolve()}) or a new one")
+    blocking = next((parent for parent in out_dir.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None or out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output={out_dir}: {blocking or out_dir} is a file, not a folder; choose another output")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
         return
     if not overwrite:
         raise UserError(f"output={out_dir} exists and is not empty; choose another output or add merge.overwrite=true")

@@ -157,6 +157,11 @@ def test_merge_refuses_what_it_cannot_do_cleanly(tiny_run, tmp_path):
     assert_one_line_error(lora("merge", f"run={corrupted}", f"output={tmp_path / 'o2'}"), "corrupted")
 
     assert_one_line_error(lora("merge", f"run={tmp_path / 'nope'}", f"output={tmp_path / 'o3'}"), "no such directory")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "link").symlink_to(taken)
+    for output, needle in (("notes.txt", "is a file"), ("notes.txt/merged", "is a file"), ("link", "symbolic link")):
+        assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / output}"), needle)
+    assert (tmp_path / "notes.txt").read_text() == "mine" and [p.name for p in taken.iterdir()] == ["mine.txt"]
     assert_one_line_error(lora("merge", f"run={run_dir}"), "output=")
     assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / 'o4'}", "merge.tolernce=1"),
                           "merge.tolerance")
