@@ -60,6 +60,7 @@ def base_only(adapted: AdaptedModel):
 def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     """The run's config.yaml with overrides applied: `GROUP=OPTION` swaps a whole group for a shipped
     option (e.g. dataset=banking77), `KEY=VALUE` sets one key (checked against the schema)."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -69,7 +70,14 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} is not a lora-cli run dir (no config.yaml); pass run=<a dir `lora train` wrote>")
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    try:
+        saved = OmegaConf.load(path)
+        if not saved:
+            raise yaml.YAMLError("the file is empty")
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), saved)
+    except (OmegaConfBaseException, yaml.YAMLError) as exc:
+        raise UserError(f"{path} is not a config this lora-cli can read ({ov.one_line(exc)}); was it edited, or "
+                        "written by another version? Restore it, or re-run training") from None
     configs = shipped_dir("configs")
     groups = ov.group_options(configs, shipped_dir("recipes"))
     groups.pop("recipe")

@@ -190,6 +190,14 @@ def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_pa
     assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / 'out'}", "dataset.max_seq_len=8"),
                           "merge probes", "dataset.max_seq_len=8 leaves no reply token")
     assert not (tmp_path / "out").exists()
+    # A config.yaml edited by hand, from another version, or emptied.
+    for name, text, needle in (("foreign", "foo: 1\n", "Key 'foo' not in 'RunConfig'"),
+                               ("broken", "model: {name: [\n", "while parsing"), ("empty", "", "the file is empty")):
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy)
+        (copy / "config.yaml").write_text((copy / "config.yaml").read_text() + text if name == "foreign" else text)
+        assert_one_line_error(lora("eval", f"run={copy}"), "config.yaml is not a config this lora-cli can read",
+                              needle)
     # Another base under the adapter: the warning, then the shapes that do not fit, not a bare first line.
     assert_one_line_error(lora("eval", f"run={run_dir}", "model.architecture.hidden_size=32"), "size mismatch for",
                           "load the base it was trained on")
