@@ -254,10 +254,11 @@ def update_model_card(card: Path, report: dict) -> None:
     lines += [f"| {name} | {fmt.format(report['base'][key])} | {fmt.format(report['adapter'][key])} |"
               for name, key, fmt in rows]
     section = "\n".join([*lines, CARD_END])
-    text = card.read_text()
-    if CARD_START in text:
-        text = text[: text.index(CARD_START)] + section + text[text.index(CARD_END) + len(CARD_END):]
-    else:
+    text = card.read_text() if card.is_file() else ""
+    start, end = text.find(CARD_START), text.find(CARD_END)
+    if 0 <= start < end:
+        text = text[:start] + section + text[end + len(CARD_END):]
+    else:  # no section yet, or its markers edited away: what the user wrote stays, a fresh section follows
         text = text.rstrip() + "\n\n" + section + "\n"
     card.write_text(text)
 

@@ -82,6 +82,9 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     groups = ov.group_options(configs, shipped_dir("recipes"))
     groups.pop("recipe")
     for override in ov.parse(overrides):
+        if override.is_delete():
+            raise UserError(f"{override.input_line}: a finished run's config keeps every key; set one instead "
+                            "(KEY=VALUE, or GROUP=OPTION for a whole group)")
         key = KEY_ALIASES.get(override.key_or_group, override.key_or_group)
         try:
             if key in groups:

@@ -88,6 +88,25 @@ def test_eval_scores_the_last_reply_not_a_closing_user_turn(tiny_run, tmp_path):
     assert all(s["gold"].split("\n")[0] in labels and s["prompt"].startswith("Question") for s in report["samples"])
 
 
+def test_the_model_cards_evaluation_section_survives_hand_edits(tmp_path):
+    """Re-evaluating replaces the section between its markers; with a marker edited away it adds a fresh one and
+    keeps every line the user wrote (it raised ValueError)."""
+    from lora_cli.evaluate import CARD_END, CARD_START, update_model_card
+
+    side = {"eval_loss": 2.0, "perplexity": 7.4, "token_f1": 0.5}
+    report = {"metric": "token_f1", "dataset": "d", "split": "eval", "examples": 4, "label_mode": "generate",
+              "decoding": "greedy", "base": side, "adapter": side}
+    card = tmp_path / "README.md"
+    card.write_text("# my notes\n")
+    update_model_card(card, report)
+    update_model_card(card, report)
+    assert card.read_text().count(CARD_START) == 1 and card.read_text().startswith("# my notes")
+    card.write_text(card.read_text().replace(CARD_END, "") + "more notes\n")
+    update_model_card(card, report)
+    text = card.read_text()
+    assert text.startswith("# my notes") and "more notes" in text and text.rstrip().endswith(CARD_END)
+
+
 LOAD_WITHOUT_LORA_CLI = """
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -183,6 +202,7 @@ def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_pa
                           "adapter=lora")
     assert not (tmp_path / "out").exists()
     assert_one_line_error(lora("generate", f"run={run_dir}", "adapter.rr=4"), "did you mean adapter.r")
+    assert_one_line_error(lora("eval", f"run={run_dir}", "~dataset"), "~dataset", "keeps every key")
     assert load_run_config(run_dir, ["adapter.quantize=nf4"]).adapter.quantize == "nf4"
     # A max_seq_len that leaves nothing to score: the same one-line reason training gives, nothing written.
     assert_one_line_error(lora("eval", f"run={run_dir}", "dataset.max_seq_len=8"), "(eval split)",
