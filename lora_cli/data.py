@@ -142,7 +142,9 @@ def _scan_jsonl(path: Path, cfg: DatasetConfig) -> None:
             if not text.strip():
                 continue
             rows += 1
-            row = {cfg.rename_columns.get(k, k): v for k, v in _json_row(text, path, number).items()}
+            raw = _json_row(text, path, number)
+            renames = column_renames(list(raw), cfg, f"{path}:{number}")
+            row = {renames.get(k, k): v for k, v in raw.items()}
             problem = _row_problem(row, cfg)
             if problem:
                 raise UserError(f"{path}:{number}: {problem}")
@@ -214,10 +216,22 @@ def load_split(cfg: DatasetConfig, split: str):
     return ds
 
 
+def column_renames(columns: list[str], cfg: DatasetConfig, where: str) -> dict[str, str]:
+    """dataset.rename_columns as it applies to these columns; refused where two columns would share a name."""
+    renames = {old: new for old, new in cfg.rename_columns.items() if old in columns}
+    kept = set(columns) - set(renames)
+    taken = sorted(f"{old}->{new}" for old, new in renames.items() if new in kept)
+    if taken or len(set(renames.values())) < len(renames):
+        clash = taken[0] if taken else ", ".join(f"{o}->{n}" for o, n in renames.items())
+        raise UserError(f"{where}: dataset.rename_columns ({clash}) would give two columns one name (columns "
+                        f"present: {', '.join(columns)}); rename to a free name, or rename the other column too")
+    return renames
+
+
 def _normalise_columns(ds, cfg: DatasetConfig):
     from datasets import ClassLabel
 
-    renames = {old: new for old, new in cfg.rename_columns.items() if old in ds.column_names}
+    renames = column_renames(ds.column_names, cfg, str(cfg.path or cfg.hub_id))
     ds = ds.rename_columns(renames) if renames else ds
     for name, feature in ds.features.items():
         if isinstance(feature, ClassLabel):  # e.g. the hub's Banking77 stores intents as class ids
