@@ -69,6 +69,12 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
 
     path = run_dir / "config.yaml"
     if not path.is_file():
+        from lora_cli.checkpoint import complete_checkpoints
+
+        unfinished = complete_checkpoints(run_dir)
+        if unfinished:
+            raise UserError(f"{run_dir} holds an unfinished run (checkpoint {unfinished[-1].name}, no adapter yet); "
+                            f"finish it first: lora train ... resume=auto hydra.run.dir={run_dir}")
         raise UserError(f"{run_dir} is not a lora-cli run dir (no config.yaml); pass run=<a dir `lora train` wrote>")
     try:
         saved = OmegaConf.load(path)

@@ -122,6 +122,7 @@ def test_resume_refuses_another_config_and_non_checkpoints(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, f"hydra.run.dir={run_dir}"),
                           "unfinished run", "resume=auto")
+    assert_one_line_error(lora("eval", f"run={run_dir}"), "unfinished run", f"resume=auto hydra.run.dir={run_dir}")
     assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, "trainer.lr=1e-3", "resume=auto",
                                f"hydra.run.dir={run_dir}"), "different config", "trainer.lr")
     assert_one_line_error(lora("train", "recipe=banking_support", *RESUMABLE, f"resume={tmp_path}",
