@@ -160,7 +160,7 @@ def train_job(cfg) -> None:
     from hydra.types import RunMode
 
     from lora_cli import launched
-    from lora_cli.checkpoint import check_run_dir
+    from lora_cli.checkpoint import check_run_dir, complete_checkpoints
     from lora_cli.errors import Interrupted
     from lora_cli.report import quiet_libraries
     from lora_cli.sweep import write_run_record
@@ -191,18 +191,20 @@ def train_job(cfg) -> None:
         if not in_sweep:
             sys.exit(2)
         return
+    resume = shlex.join(["lora", "train", *from_scratch, "resume=auto", f"hydra.run.dir={run_dir}"])
     try:
         finish("complete", result=_train_and_evaluate(cfg, run_dir, command))
     except Interrupted as exc:
-        resume = shlex.join(["lora", "train", *from_scratch, "resume=auto", f"hydra.run.dir={run_dir}"])
         finish("interrupted", f"{exc}; continue with: {resume}", reason=str(exc))
         sys.exit(130)
     except KeyboardInterrupt:  # Ctrl-C outside the loop's steps, which turn it into a checkpoint (Interrupted)
         if (run_dir / "adapter").is_dir():
             reason = (f"interrupted during the end-of-run evaluation; the trained adapter is saved: run "
                       f"`lora eval run={run_dir}`")
+        elif complete_checkpoints(run_dir):
+            reason = f"interrupted outside a training step; continue from the last checkpoint with: {resume}"
         else:
-            reason = "interrupted before the first training step; nothing was trained: run the command again"
+            reason = "interrupted before anything was trained or saved; run the command again"
         finish("interrupted", reason, reason=reason)
         sys.exit(130)
     except Exception as exc:

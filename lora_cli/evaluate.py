@@ -255,7 +255,8 @@ def update_model_card(card: Path, report: dict) -> None:
               for name, key, fmt in rows]
     section = "\n".join([*lines, CARD_END])
     text = card.read_text() if card.is_file() else ""
-    start, end = text.find(CARD_START), text.find(CARD_END)
+    end = text.find(CARD_END)
+    start = text.rfind(CARD_START, 0, max(end, 0))  # the section that marker closes, not an orphaned start above it
     if 0 <= start < end:
         text = text[:start] + section + text[end + len(CARD_END):]
     else:  # no section yet, or its markers edited away: what the user wrote stays, a fresh section follows

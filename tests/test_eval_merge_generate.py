@@ -105,6 +105,8 @@ def test_the_model_cards_evaluation_section_survives_hand_edits(tmp_path):
     update_model_card(card, report)
     text = card.read_text()
     assert text.startswith("# my notes") and "more notes" in text and text.rstrip().endswith(CARD_END)
+    update_model_card(card, report)  # the fresh section is replaced; the orphaned marker and the notes stay
+    assert card.read_text() == text
 
 
 LOAD_WITHOUT_LORA_CLI = """
