@@ -144,10 +144,11 @@ def write_card(folder: Path, run_dir: Path, adapted, cfg: RunConfig, result: dic
     adapter_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
     config_text = (run_dir / "config.yaml").read_text()
     dataset = f"`{provenance.get('dataset', cfg.dataset.name)}` (fingerprint `{provenance.get('dataset_fingerprint')}`)"
+    checked = "the saved checkpoint, reloaded" if result["dtype"] == "float32" else "the fp32 merge"
     parity = (f"max abs logit difference vs base + adapter on {result['probes']} eval examples: "
-              f"{result['saved_max_abs_diff']:.2e} (merge in fp32: {result['merge_max_abs_diff']:.2e}; "
-              f"allowed {result['allowed_max_abs_diff']:.2e}, {result['tolerance']:g} of the largest logit, "
-              f"{result['max_abs_logit']:.3g})")
+              f"{result['saved_max_abs_diff']:.2e} as saved ({result['dtype']}), {result['merge_max_abs_diff']:.2e} "
+              f"in the fp32 merge; checked: {checked}, allowed {result['allowed_max_abs_diff']:.2e} "
+              f"({result['tolerance']:g} of the largest logit, {result['max_abs_logit']:.3g})")
     card = f"""# {provenance.get('base_model', cfg.model.name_or_path)} + {cfg.adapter.name} adapter, merged
 
 A standard transformers checkpoint: the {cfg.adapter.name} adapter (r={cfg.adapter.r}) of run `{run_dir}`
