@@ -187,7 +187,8 @@ def train_job(cfg) -> None:
         # anything of its own there, run.json included, so the other run's record stays as it was.
         check_run_dir(run_dir, cfg.get("resume"))
     except UserError as exc:
-        fail(str(exc))
+        if launched.rank() == 0:
+            fail(str(exc))
         if not in_sweep:
             sys.exit(2)
         return
