@@ -10,6 +10,7 @@ import difflib
 import os
 import shlex
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from lora_cli import __version__
@@ -194,7 +195,8 @@ def train_job(cfg) -> None:
         return
     resume = shlex.join(["lora", "train", *from_scratch, "resume=auto", f"hydra.run.dir={run_dir}"])
     try:
-        finish("complete", result=_train_and_evaluate(cfg, run_dir, command))
+        with terminate_as_interrupt():
+            finish("complete", result=_train_and_evaluate(cfg, run_dir, command))
     except Interrupted as exc:
         finish("interrupted", f"{exc}; continue with: {resume}", reason=str(exc))
         sys.exit(130)
@@ -216,6 +218,22 @@ def train_job(cfg) -> None:
         finish("failed", reason, reason=reason)
         if not in_sweep:
             sys.exit(2)
+
+
+@contextmanager
+def terminate_as_interrupt():
+    """SIGTERM (a scheduler's stop, `kill`) ends the job as Ctrl-C does, so that run.json records it. Within the
+    training steps the loop's own handler takes both signals and checkpoints first (train.StopRequest)."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _train_and_evaluate(cfg, run_dir: Path, command: str) -> dict:

@@ -97,13 +97,17 @@ def test_ctrl_c_checkpoints_exits_130_and_says_how_to_resume(tmp_path):
     assert [s for s, _ in losses(run_dir)] == list(range(1, 25))
 
 
-def test_ctrl_c_in_the_end_of_run_eval_is_recorded_as_such(tmp_path, monkeypatch):
-    """After the adapter is written, trainer.eval_at_end runs `lora eval`; a Ctrl-C there left no run.json, and
-    `lora report` took the run for complete."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_in_the_end_of_run_eval_is_recorded_as_such(tmp_path, monkeypatch, sig):
+    """After the adapter is written, trainer.eval_at_end runs `lora eval`; a Ctrl-C (or a scheduler's SIGTERM)
+    there left no run.json, and `lora report` took the run for complete."""
+    import os
+
     import lora_cli.evaluate
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), sig)
+        time.sleep(5)  # the handler interrupts this
 
     monkeypatch.setattr(lora_cli.evaluate, "evaluate_run", interrupted)
     run_dir = tmp_path / "run"
