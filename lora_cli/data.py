@@ -396,6 +396,21 @@ def tokenize_conversation(messages: list[dict], tokenizer, train_on_prompt: bool
     return {"input_ids": input_ids, "labels": labels}
 
 
+def end_of_turn_id(tokenizer) -> int:
+    """The token the chat template closes an assistant turn with, which training teaches the model to emit (it is
+    among the reply's labels): the tokenizer's eos for many templates (SmolLM2's <|im_end|>), another special
+    token for some (Gemma's <end_of_turn>, Llama 3's <|eot_id|>). Generation stops there."""
+    reply = [{"role": "user", "content": "?"}, {"role": "assistant", "content": "x"}]
+    labels = [t for t in tokenize_conversation(reply, tokenizer, train_on_prompt=False)["labels"] if t != IGNORE_INDEX]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return next((t for t in labels if t in special), tokenizer.eos_token_id)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """What ends a generated reply: the template's end of turn, and the tokenizer's eos where that differs."""
+    return list(dict.fromkeys(t for t in (end_of_turn_id(tokenizer), tokenizer.eos_token_id) if t is not None))
+
+
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, prefix: str) -> str:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     if not text.startswith(prefix):

@@ -20,7 +20,15 @@ from itertools import chain
 from pathlib import Path
 
 from lora_cli.config import RunConfig
-from lora_cli.data import collate, load_train_eval, sample, split_at_last_reply, to_messages, tokenize_nonempty
+from lora_cli.data import (
+    collate,
+    load_train_eval,
+    sample,
+    split_at_last_reply,
+    stop_token_ids,
+    to_messages,
+    tokenize_nonempty,
+)
 from lora_cli.labels import (
     LabelTrie,
     build_trie,
@@ -146,7 +154,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], cfg: RunConfig
             prompt_length = batch["input_ids"].shape[1]
             stop = [first_line_done(tokenizer, prompt_length)] if stop_at_newline else None
             out = model.generate(**batch.to(model.device), max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer),
                                  stopping_criteria=stop)
             new_tokens = out[:, prompt_length:]
             replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

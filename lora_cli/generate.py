@@ -11,6 +11,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from lora_cli.config import GenerateConfig, RunConfig
+from lora_cli.data import stop_token_ids
 from lora_cli.labels import (
     LabelTrie,
     build_trie,
@@ -38,7 +39,7 @@ def reply(model, tokenizer, messages: list[dict], cfg: GenerateConfig) -> str:
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, streamer=streamer,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **sampling)
+                             eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

@@ -22,7 +22,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from lora_cli.config import DatasetConfig
-from lora_cli.data import IGNORE_INDEX, load_train_eval, split_at_last_reply, to_messages, tokenize_conversation
+from lora_cli.data import (
+    IGNORE_INDEX,
+    end_of_turn_id,
+    load_train_eval,
+    split_at_last_reply,
+    to_messages,
+    tokenize_conversation,
+)
 from lora_cli.errors import UserError
 from lora_cli.report import progress_steps
 
@@ -78,7 +85,7 @@ def label_paths(tokenizer, label: str) -> list[list[int]]:
     reply (up to the end-of-turn token), and as the first line of a longer one (up to the token that ends
     the line). Both end in the token that says "the label is complete", so "card" is not a "card_arrival"."""
     alone = reply_targets(tokenizer, label)
-    eos = tokenizer.eos_token_id
+    eos = end_of_turn_id(tokenizer)
     paths = [alone[: alone.index(eos) + 1] if eos in alone else alone]
     longer = reply_targets(tokenizer, f"{label}\n{CONTINUATION}")
     end = next((k for k in range(1, len(longer) + 1) if f"{label}\n" in tokenizer.decode(longer[:k])), None)
@@ -153,7 +160,7 @@ class LabelTrie:
 
 
 def build_trie(tokenizer, labels: list[str]) -> LabelTrie:
-    return LabelTrie.build({label: label_paths(tokenizer, label) for label in labels}, tokenizer.eos_token_id)
+    return LabelTrie.build({label: label_paths(tokenizer, label) for label in labels}, end_of_turn_id(tokenizer))
 
 
 # ---------------------------------------------------------------- prediction

@@ -10,8 +10,10 @@ from conftest import compose_run
 from lora_cli.data import (
     IGNORE_INDEX,
     collate,
+    end_of_turn_id,
     load_train_eval,
     prepare,
+    stop_token_ids,
     to_messages,
     tokenize_conversation,
     tokenize_split,
@@ -42,6 +44,22 @@ def test_every_assistant_turn_of_a_multi_turn_chat_is_learned(tokenizer):
     chat = CHAT + [{"role": "user", "content": "thanks"}, {"role": "assistant", "content": "You're welcome."}]
     text = label_text(tokenizer, tokenize_conversation(chat, tokenizer, train_on_prompt=False))
     assert text == "lost_or_stolen_card\nFreeze it in the app.<|im_end|>\nYou're welcome.<|im_end|>\n"
+
+
+def test_replies_end_at_the_templates_end_of_turn_even_where_eos_differs(tokenizer):
+    """Training teaches the template's end-of-turn token (its labels say so); generation and the label trie stop
+    there, also for a tokenizer whose eos is another token (as Gemma's and Llama 3's are)."""
+    import copy
+
+    from lora_cli.labels import build_trie, label_paths
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end_of_turn_id(tokenizer) == im_end and stop_token_ids(tokenizer) == [im_end]
+    other = copy.deepcopy(tokenizer)
+    other.eos_token = "<|endoftext|>"
+    assert other.eos_token_id != im_end
+    assert end_of_turn_id(other) == im_end and stop_token_ids(other) == [im_end, other.eos_token_id]
+    assert label_paths(other, "card_arrival")[0][-1] == im_end and build_trie(other, ["card_arrival"]).eos == im_end
 
 
 def test_pad_token_is_not_eos(tokenizer):
