@@ -33,6 +33,7 @@ class TokenizedSplit:
     rows: int = 0
     truncated: int = 0
     dropped: int = 0  # no trainable label token left after truncation
+    also_in_train: int = 0  # eval split: conversations the train split holds too (their metrics flatter)
 
     @property
     def tokens(self) -> int:
@@ -437,13 +438,16 @@ def tokenize_split(conversations: list[list[dict]], tokenizer, cfg: DatasetConfi
 def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSplit, str]:
     """Train and eval splits, tokenised, plus the data fingerprint. Fails loudly on empty results."""
     train_rows, eval_rows = load_train_eval(cfg)
-    splits, fingerprints = [], []
+    splits, fingerprints, texts = [], [], []
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         where = f"dataset {cfg.name!r} ({name} split)"
         check_columns(rows, cfg, where)
         conversations = [to_messages(row, cfg) for row in rows]
         splits.append(tokenize_nonempty(conversations, tokenizer, cfg, where))
         fingerprints.append(fingerprint(conversations))
+        texts.append([json.dumps(messages, sort_keys=True, ensure_ascii=False) for messages in conversations])
+    train_texts = set(texts[0])
+    splits[1].also_in_train = sum(text in train_texts for text in texts[1])
     digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
     return splits[0], splits[1], digest
 

@@ -35,6 +35,10 @@ def print_data_plan(train, evaluation, steps: int, trainable: int, total: int) -
     console.print(f"data: {len(train.examples)} train / {len(evaluation.examples)} eval examples "
                   f"({train.tokens:,} train tokens, {train.label_tokens:,} with labels; {skipped}) | "
                   f"{steps} steps | trainable params {trainable:,} of {total:,}")
+    if evaluation.also_in_train:
+        console.print(f"[yellow]warning: {evaluation.also_in_train} of {len(evaluation.examples)} eval examples are "
+                      "also in the train split (identical conversations), so eval loss and metrics will flatter "
+                      "the adapter; remove the duplicates from the data[/]")
 
 
 def format_bytes(n: float) -> str:

@@ -42,6 +42,20 @@ def test_each_step_logs_the_learning_rate_its_update_used(tmp_path):
     assert [r["lr"] for r in steps] == pytest.approx([0.0, 5e-4, 1e-3, 1e-3])
 
 
+def test_eval_examples_that_are_also_train_examples_are_flagged(tiny_run, tmp_path):
+    """Duplicated rows land on both sides of a held-out split: the run says how many, since its eval numbers
+    would flatter the adapter. The shipped data has none."""
+    assert "also in the train split" not in tiny_run[1].stderr
+    rows = [{"messages": [{"role": "user", "content": f"Question {i % 5}"},
+                          {"role": "assistant", "content": f"label_{i % 5}"}]} for i in range(20)]
+    data = tmp_path / "duplicated.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = lora("train", "recipe=banking_support", *TINY, "dataset=jsonl", f"dataset.path={data}",
+                "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: 2 of 2 eval examples are also in the train split" in " ".join(proc.stderr.split())
+
+
 def test_provenance_in_safetensors_metadata(tiny_run):
     from lora_cli.models import sha256_weights
 
