@@ -359,11 +359,16 @@ def _shown(value, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def fingerprint(conversations: list[list[dict]]) -> str:
-    """A content hash of the formatted data: the same conversations give the same fingerprint."""
+def conversation_text(messages: list[dict]) -> str:
+    """One conversation as canonical text: equal conversations, equal texts."""
+    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
+
+
+def fingerprint(texts: list[str]) -> str:
+    """A content hash of the formatted data (`conversation_text` of each conversation, in order)."""
     digest = hashlib.sha256()
-    for messages in conversations:
-        digest.update(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode())
+    for text in texts:
+        digest.update(text.encode())
     return digest.hexdigest()
 
 
@@ -444,8 +449,8 @@ def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSpl
         check_columns(rows, cfg, where)
         conversations = [to_messages(row, cfg) for row in rows]
         splits.append(tokenize_nonempty(conversations, tokenizer, cfg, where))
-        fingerprints.append(fingerprint(conversations))
-        texts.append([json.dumps(messages, sort_keys=True, ensure_ascii=False) for messages in conversations])
+        texts.append([conversation_text(messages) for messages in conversations])
+        fingerprints.append(fingerprint(texts[-1]))
     train_texts = set(texts[0])
     splits[1].also_in_train = sum(text in train_texts for text in texts[1])
     digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
