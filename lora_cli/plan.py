@@ -99,6 +99,7 @@ def plan(cfg: RunConfig) -> dict:
         "model": checkpoint.model_id, "adapter": f"{cfg.adapter.name} r={cfg.adapter.r}",
         "precision": f"{precision} (trainer.precision={cfg.trainer.precision})",
         "train_examples": len(train_split.examples), "eval_examples": len(eval_split.examples),
+        "eval_also_in_train": eval_split.also_in_train,
         "train_tokens": train_split.tokens, "label_tokens": train_split.label_tokens,
         "truncated": train_split.truncated + eval_split.truncated,
         "dropped": train_split.dropped + eval_split.dropped, "longest": longest,

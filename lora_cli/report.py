@@ -35,10 +35,15 @@ def print_data_plan(train, evaluation, steps: int, trainable: int, total: int) -
     console.print(f"data: {len(train.examples)} train / {len(evaluation.examples)} eval examples "
                   f"({train.tokens:,} train tokens, {train.label_tokens:,} with labels; {skipped}) | "
                   f"{steps} steps | trainable params {trainable:,} of {total:,}")
-    if evaluation.also_in_train:
-        console.print(f"[yellow]warning: {evaluation.also_in_train} of {len(evaluation.examples)} eval examples are "
-                      "also in the train split (identical conversations), so eval loss and metrics will flatter "
-                      "the adapter; remove the duplicates from the data[/]")
+    warn_eval_in_train(evaluation.also_in_train, len(evaluation.examples))
+
+
+def warn_eval_in_train(duplicates: int, eval_examples: int) -> None:
+    """Eval numbers on examples the adapter trained on flatter it: worth a warning in the plan and in the run."""
+    if duplicates:
+        console.print(f"[yellow]warning: {duplicates} of {eval_examples} eval examples are also in the train split "
+                      "(identical conversations), so eval loss and metrics will flatter the adapter; remove the "
+                      "duplicates from the data[/]")
 
 
 def format_bytes(n: float) -> str:
@@ -73,6 +78,7 @@ def print_plan(plan: dict) -> None:
     for name, value in rows:
         table.add_row(name, value)
     stdout.print(table)
+    warn_eval_in_train(plan["eval_also_in_train"], plan["eval_examples"])
 
 
 def print_summary(result: dict) -> None:

@@ -54,6 +54,9 @@ def test_eval_examples_that_are_also_train_examples_are_flagged(tiny_run, tmp_pa
                 "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode == 0, proc.stderr
     assert "warning: 2 of 2 eval examples are also in the train split" in " ".join(proc.stderr.split())
+    plan = lora("train", "--dry-run", "recipe=banking_support", *TINY, "dataset=jsonl", f"dataset.path={data}")
+    assert plan.returncode == 0, plan.stderr
+    assert "warning: 2 of 2 eval examples are also in the train split" in " ".join(plan.stderr.split())
 
 
 def test_provenance_in_safetensors_metadata(tiny_run):
