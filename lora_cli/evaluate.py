@@ -22,6 +22,7 @@ from pathlib import Path
 from lora_cli.config import RunConfig
 from lora_cli.data import (
     collate,
+    conversation_text,
     load_train_eval,
     sample,
     split_at_last_reply,
@@ -29,6 +30,7 @@ from lora_cli.data import (
     to_messages,
     tokenize_nonempty,
 )
+from lora_cli.errors import UserError
 from lora_cli.labels import (
     LabelTrie,
     build_trie,
@@ -40,7 +42,7 @@ from lora_cli.labels import (
     render_prompts,
 )
 from lora_cli.report import eval_table, progress_steps
-from lora_cli.runs import base_only, load_adapted
+from lora_cli.runs import base_only, load_adapted, load_run_config
 from lora_cli.train import evaluate_loss
 
 CARD_START, CARD_END = "<!-- lora eval -->", "<!-- /lora eval -->"
@@ -186,6 +188,20 @@ def merged_for_decoding(model):
         model.unmerge_adapter()
 
 
+def trained_on(run_dir: Path, conversations: list[list[dict]]) -> int | None:
+    """How many of these eval conversations the run trained on, by the run's own data config (caps included).
+    Overrides at eval time can pick them (another file, or `dataset.eval_split=null` after training on an eval
+    file, whose "held-out" slice then comes from data the run saw), and their numbers flatter the adapter.
+    None when the run's training data can no longer be read."""
+    trained = load_run_config(run_dir, []).dataset
+    try:
+        train_rows, _ = load_train_eval(trained)
+        texts = {conversation_text(to_messages(row, trained)) for row in train_rows}
+    except UserError:
+        return None
+    return sum(conversation_text(messages) in texts for messages in conversations)
+
+
 def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
     started = time.perf_counter()
     mode, metric = cfg.eval.label_mode, cfg.dataset.task_metric
@@ -220,10 +236,11 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
 
     samples = [{"prompt": p[-1]["content"], "gold": g, "base": b, "adapter": a}
                for p, g, b, a in zip(prompts, golds, outputs["base"], outputs["adapter"], strict=True)]
+    overlap = trained_on(run_dir, conversations)
     split_name = cfg.dataset.eval_split or f"held-out {cfg.dataset.eval_size} of {cfg.dataset.train_split}"
     report = {
         "run_dir": str(run_dir), "dataset": cfg.dataset.name, "split": split_name,
-        "examples": len(golds), "metric": metric, "label_mode": mode, "decoding": DECODING[mode],
+        "examples": len(golds), "trained_on": overlap, "metric": metric, "label_mode": mode, "decoding": DECODING[mode],
         "labels": len(labels), "base": results["base"], "adapter": results["adapter"],
         "samples": samples[: cfg.eval.show_samples],
         "settings": {"max_samples": cfg.eval.max_samples, "batch_size": cfg.eval.batch_size,
@@ -261,6 +278,9 @@ def update_model_card(card: Path, report: dict) -> None:
              "| | base model | with adapter |", "| --- | --- | --- |"]
     lines += [f"| {name} | {fmt.format(report['base'][key])} | {fmt.format(report['adapter'][key])} |"
               for name, key, fmt in rows]
+    if report.get("trained_on"):
+        lines += ["", f"{report['trained_on']} of these {report['examples']} examples were in the run's training "
+                  "data: these numbers flatter the adapter."]
     section = "\n".join([*lines, CARD_END])
     text = card.read_text() if card.is_file() else ""
     end = text.find(CARD_END)

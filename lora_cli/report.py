@@ -158,6 +158,10 @@ def eval_table(report: dict) -> None:
     for name, key, fmt in rows:
         table.add_row(name, fmt.format(report["base"][key]), fmt.format(report["adapter"][key]))
     stdout.print(table)
+    if report.get("trained_on"):
+        console.print(f"[yellow]warning: {report['trained_on']} of these {report['examples']} eval examples are in "
+                      "the run's training data, so the numbers flatter the adapter; evaluate on data it did not "
+                      "train on (the run's own eval split: leave the dataset as trained)[/]")
     confused = report["adapter"].get("confused")
     if confused:
         pairs = Table(title=f"most confused labels, with adapter ({mode})", title_justify="left")

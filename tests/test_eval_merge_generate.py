@@ -40,6 +40,21 @@ def test_eval_reports_base_and_adapter_side_by_side(tiny_run):
     assert report["adapter"]["eval_loss"] < report["base"]["eval_loss"]
     assert len(report["samples"]) == 2 and {"prompt", "gold", "base", "adapter"} <= set(report["samples"][0])
     assert "## Evaluation" in (run_dir / "README.md").read_text()
+    assert report["trained_on"] == 0 and "training data" not in proc.stderr
+
+
+def test_eval_on_examples_the_run_trained_on_says_so(tiny_run, tmp_path):
+    """An eval override can pick training examples (here the train split itself; also `dataset.eval_split=null`
+    after training on an eval file): the report counts them against the run's own training data, caps included,
+    and warns. The run trained on 48 rows drawn from the train split; eval's 12 are drawn from it the same way."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    proc = lora("eval", f"run={run_dir}", "dataset.eval_split=train", *EVAL_FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["trained_on"] == report["examples"] == 12
+    assert "warning: 12 of these 12 eval examples are in the run's training data" in " ".join(proc.stderr.split())
+    assert "12 of these 12 examples were in the run's training data" in (run_dir / "README.md").read_text()
 
 
 @pytest.mark.skipif(not BANKING77.is_dir(), reason="needs ../shared/data/banking77")
