@@ -412,9 +412,14 @@ def end_of_turn_id(tokenizer) -> int:
     return next((t for t in labels if t in special), tokenizer.eos_token_id)
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """What ends a generated reply: the template's end of turn, and the tokenizer's eos where that differs."""
-    return list(dict.fromkeys(t for t in (end_of_turn_id(tokenizer), tokenizer.eos_token_id) if t is not None))
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """What ends a generated reply: the template's end of turn, the tokenizer's eos where that differs, and the
+    model's own eos list (`generation_config.json`; some models list several, e.g. Llama 3's <|eot_id|> and
+    <|eom_id|>), which an explicit `eos_token_id=` to `generate()` would otherwise replace."""
+    listed = getattr(generation_config, "eos_token_id", None)
+    listed = [listed] if isinstance(listed, int) else list(listed or [])
+    return list(dict.fromkeys(t for t in (end_of_turn_id(tokenizer), tokenizer.eos_token_id, *listed)
+                              if t is not None))
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, prefix: str) -> str:

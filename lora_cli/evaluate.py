@@ -149,6 +149,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], cfg: RunConfig
     texts = render_prompts(tokenizer, prompts)
     replies: list[str] = []
     size = cfg.eval.batch_size
+    stops = stop_token_ids(tokenizer, model.generation_config)
     with progress_steps(f"generate ({label})", math.ceil(len(texts) / size)) as advance, torch.no_grad(), \
             left_padded(tokenizer):
         for start in range(0, len(texts), size):
@@ -156,7 +157,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], cfg: RunConfig
             prompt_length = batch["input_ids"].shape[1]
             stop = [first_line_done(tokenizer, prompt_length)] if stop_at_newline else None
             out = model.generate(**batch.to(model.device), max_new_tokens=cfg.eval.max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(tokenizer),
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
                                  stopping_criteria=stop)
             new_tokens = out[:, prompt_length:]
             replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))

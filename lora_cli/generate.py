@@ -37,9 +37,10 @@ def reply(model, tokenizer, messages: list[dict], cfg: GenerateConfig) -> str:
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} \
         if cfg.temperature > 0 else {"do_sample": False}
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    stops = stop_token_ids(tokenizer, model.generation_config)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, streamer=streamer,
-                             eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id, **sampling)
+                             eos_token_id=stops, pad_token_id=tokenizer.pad_token_id, **sampling)
     return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 

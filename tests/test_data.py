@@ -62,6 +62,17 @@ def test_replies_end_at_the_templates_end_of_turn_even_where_eos_differs(tokeniz
     assert label_paths(other, "card_arrival")[0][-1] == im_end and build_trie(other, ["card_arrival"]).eos == im_end
 
 
+def test_replies_also_end_at_every_eos_the_models_generation_config_lists(tokenizer):
+    """generate() takes an explicit eos list instead of the model's, so the model's own (Llama 3 lists <|eot_id|>
+    and <|eom_id|>) must be in it."""
+    from transformers import GenerationConfig
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert stop_token_ids(tokenizer, GenerationConfig(eos_token_id=[im_end, 7, 9])) == [im_end, 7, 9]
+    assert stop_token_ids(tokenizer, GenerationConfig(eos_token_id=5)) == [im_end, 5]
+    assert stop_token_ids(tokenizer, GenerationConfig()) == [im_end]
+
+
 def test_pad_token_is_not_eos(tokenizer):
     assert tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id
 
