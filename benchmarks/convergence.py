@@ -25,9 +25,9 @@ What it runs (defaults; all are options):
      (--budget-minutes 25, counted from the benchmark's start): it stops (and evaluates) at the step where the
      budget runs out and is then reported as a truncated reference, or is skipped when < 1 min is left.
 
-Output: benchmarks/results/<date>-convergence.csv (method, lr, L, step, eval_loss for every run),
-<date>-convergence.png (eval loss vs step: the best run of each method; every run of the grids), and
-<date>-convergence.json (choices, per-run timing and ScaLoRA diagnostics); a printed table: best lr (and L),
+Output: benchmarks/results/<date>-<machine>-convergence.csv (method, lr, L, step, eval_loss for every run),
+<date>-<machine>-convergence.png (eval loss vs step: the best run of each method; every run of the grids), and
+<date>-<machine>-convergence.json (choices, per-run timing and ScaLoRA diagnostics); a printed table: best lr (and L),
 final eval loss, steps to reach LoRA's final eval loss, seconds per step, and the ScaLoRA/LoRA step-time ratio
 (paired runs: same lr, hence the same examples at every step).
 """
@@ -51,6 +51,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data" / "banking77"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed import add_result_options, machine_name, result_file  # noqa: E402
+
 WORKER = "_full_ft_worker"  # hidden first argument: run full fine-tuning in this (child) process
 BATCH = 8  # the recipe's batch size, restated so the training subset matches the steps
 
@@ -356,7 +360,7 @@ def main() -> None:
     parser.add_argument("--budget-minutes", type=float, default=25.0,
                         help="full fine-tuning stops where the whole benchmark reaches this")
     parser.add_argument("--keep-runs", type=Path, default=None, help="keep the run dirs here")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_result_options(parser)
     options = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"Banking77 is not at {DATA} (train.csv/test.csv expected)")
@@ -461,14 +465,14 @@ def main() -> None:
           f"on {os.cpu_count()} CPUs (timings are only comparable under similar load)")
 
     # ---- files
-    options.out.mkdir(parents=True, exist_ok=True)
-    stem = options.out / f"{date.today().isoformat()}-convergence"
-    write_csv(stem.with_suffix(".csv"), runs)
+    paths = {extension: result_file(options, extension, "convergence") for extension in ("csv", "png", "json")}
+    write_csv(paths["csv"], runs)
     title = (f"Banking77, {options.model}, r={options.rank}, batch {BATCH}, {options.eval_examples} eval examples, "
              f"ScaLoRA interval {options.interval}")
-    plot(stem.with_suffix(".png"), chosen, runs, target, base_L, title)
+    plot(paths["png"], chosen, runs, target, base_L, title)
     summary = {
-        "date": date.today().isoformat(), "machine": platform.node(), "processor": platform.processor(),
+        "date": date.today().isoformat(), "machine": machine_name(options), "node": platform.node(),
+        "processor": platform.processor(),
         "cpus": os.cpu_count(), "load_average_start_end": [load_before[0], load_after[0]],
         "total_minutes": minutes,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(options).items()},
@@ -479,8 +483,8 @@ def main() -> None:
         "runs": [{"method": r.method, "lr": r.lr, "L": r.L, "final_eval_loss": r.final, "last_step": r.last_step,
                   "mean_step_s": r.mean_step_s(), "wall_s": r.wall_s, "scalora": r.diagnostics} for r in runs],
     }
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {stem}.csv, .png, .json")
+    paths["json"].write_text(json.dumps(summary, indent=2))
+    print(f"wrote {', '.join(map(str, paths.values()))}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Prints, per contender, the peak RSS of the whole `lora train` process and the bytes of the base model's
 weights as loaded (4-bit packed weights + their quantisation state for QLoRA), and the QLoRA / LoRA ratios.
-Both numbers come from the same machine in the same run; nothing is hard-coded.
+Both numbers come from the same machine in the same run; nothing is hard-coded. Writes
+benchmarks/results/<date>-<machine>-memory.json.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from speed import add_result_options, machine_name, result_file  # noqa: E402
+
 # Both in fp32: trainer.precision=auto would take bf16 autocast for LoRA alone where the CPU has it.
 CONTENDERS = {"lora": ["adapter=lora", "trainer.precision=fp32"], "qlora": ["adapter=qlora", "trainer.precision=fp32"]}
 # Measured inside the training process's twin: the same loading code, the weights' storage bytes.
@@ -60,7 +65,7 @@ def weight_bytes(args: list[str]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    add_result_options(parser)
     options = parser.parse_args()
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,10 +78,10 @@ def main() -> None:
         print(f"{name:8} {row['peak_rss'] / mib:9.0f} MiB {row['weight_bytes'] / mib:11.1f} MiB")
     ratios = {key: rows["qlora"][key] / rows["lora"][key] for key in ("peak_rss", "weight_bytes")}
     print(f"{'qlora/lora':8} {ratios['peak_rss']:12.2f} {ratios['weight_bytes']:14.2f}")
-    options.out.mkdir(parents=True, exist_ok=True)
-    result = {"date": date.today().isoformat(), "machine": platform.node(), "processor": platform.processor(),
+    result = {"date": date.today().isoformat(), "machine": machine_name(options), "node": platform.node(),
+              "processor": platform.processor(),
               "steps": options.steps, "contenders": rows, "ratios": ratios}
-    path = options.out / f"{date.today().isoformat()}-memory.json"
+    path = result_file(options, "json", "memory")
     path.write_text(json.dumps(result, indent=2))
     print(f"wrote {path}")
 

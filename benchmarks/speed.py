@@ -423,6 +423,11 @@ def between_peaks(run, dtypes: list[str]) -> tuple[dict, dict[str, list[float]]]
     return result, {dtype: [before[dtype], matmul_peak(dtype)] for dtype in dtypes}
 
 
+def before_after(peaks: dict[str, list[float] | None]) -> str:
+    """Each contender's two peak readings, in GFLOP/s (contenders without a reading left out)."""
+    return "; ".join(f"{name} {pair[0] / 1e9:.1f}, {pair[1] / 1e9:.1f}" for name, pair in peaks.items() if pair)
+
+
 def lora_contenders(options) -> dict[str, list[str]]:
     """lora-cli's timed configurations: the bf16 ones only where this CPU multiplies bf16 natively."""
     from lora_cli.train import cpu_has_bf16
@@ -440,7 +445,7 @@ def benchmark(options) -> None:
     unseeded = lora_args(options.model, total, options.eval_examples) + options.lora_arg
     args = [*unseeded, f"trainer.seed={options.seeds[0]}"]
     configurations = lora_contenders(options)
-    peaks, bf16_peaks = {}, {}  # fp32 (every contender) and bf16 (bf16 contenders) GEMM peaks, before and after
+    peaks = {}  # contender -> dtype (fp32 for all, bf16 for bf16 contenders) -> GEMM peak right before and after it
     with tempfile.TemporaryDirectory(prefix="lora-speed-") as tmp:
         work = Path(options.keep) if options.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -449,12 +454,10 @@ def benchmark(options) -> None:
             print(f"lora train {' '.join(args + extra)}", flush=True)
             folder = name.replace(" ", "_").replace("+", "")
             dtypes = ["float32", "bfloat16"] if name in BF16_CONTENDERS else ["float32"]
-            loras[name], measured = between_peaks(partial(lora_contender, args + extra, work, folder), dtypes)
-            peaks[name], bf16_peaks[name] = measured["float32"], measured.get("bfloat16")
+            loras[name], peaks[name] = between_peaks(partial(lora_contender, args + extra, work, folder), dtypes)
         print(f"TRL SFTTrainer, {total} steps", flush=True)
         trl_spec = {"overrides": args, "out": str(work / "trl"), "trl_group_by_length": options.trl_group_by_length}
-        trl, measured = between_peaks(partial(worker, "trl", trl_spec, work), ["float32"])
-        peaks["TRL"], bf16_peaks["TRL"] = measured["float32"], None
+        trl, peaks["TRL"] = between_peaks(partial(worker, "trl", trl_spec, work), ["float32"])
         adapters = {name: result["adapter"] for name, result in loras.items()} | {"TRL": str(work / "trl" / "adapter")}
         seeded = {name: extra for name, extra in SEEDED.items() if name in configurations}
         adapters |= other_seeds(options, unseeded, seeded, work)
@@ -470,10 +473,12 @@ def benchmark(options) -> None:
             step["pairs"] = reproduced["pairs"]
 
     constants = evaluation["flops"]
+    fp32_peaks = {name: measured["float32"] for name, measured in peaks.items()}
+    bf16_peaks = {name: measured.get("bfloat16") for name, measured in peaks.items()}
     rows = {}
     for name, result in contenders.items():
         bf16_peak = max(bf16_peaks[name]) if bf16_peaks[name] else None
-        rows[name] = summarise(result["steps"], options.warmup, constants, max(peaks[name]), bf16_peak) | {
+        rows[name] = summarise(result["steps"], options.warmup, constants, max(fp32_peaks[name]), bf16_peak) | {
             "peak_rss": result["peak_rss"], "peak_rss_gib": result["peak_rss"] / GIB,
             "eval_loss": evaluation["eval_loss"][name]}
         rows[name]["gflops_per_s"] = rows[name]["flops_per_s"] / 1e9
@@ -488,11 +493,9 @@ def benchmark(options) -> None:
              f"{date.today()} {machine}")
     print(f"\n{title}")
     print(f"fp32 matmul peak ({GEMM_SIZE}x{GEMM_SIZE} GEMM, best of {GEMM_REPEATS}) right before and after each "
-          "contender, GFLOP/s: " + "; ".join(f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, (a, b) in peaks.items())
+          "contender, GFLOP/s: " + before_after(fp32_peaks)
           + " (each contender's MFU is against the higher of its two)")
-    measured_bf16 = {name: pair for name, pair in bf16_peaks.items() if pair}
-    print("bf16 matmul peak, the same way, GFLOP/s: "
-          + "; ".join(f"{name} {a / 1e9:.1f}, {b / 1e9:.1f}" for name, (a, b) in measured_bf16.items())
+    print("bf16 matmul peak, the same way, GFLOP/s: " + before_after(bf16_peaks)
           + " (the bf16 rows' 'MFU of bf16': their FLOP/s over the higher of the two)")
     print(f"{flop_count.FORMULA}\nconstants: " + ", ".join(f"{k}={v:,}" for k, v in constants.items()) + "\n")
     print_table(rows, ratios)
@@ -527,7 +530,7 @@ def benchmark(options) -> None:
         "compile_s": compiled,
         "trl": {k: trl[k] for k in ("sft_config", "lora_config", "effective")},
         "trl_doc": TRL_DOC, "flops_formula": flop_count.FORMULA, "flops_constants": constants,
-        "matmul_peaks_before_after": peaks, "bf16_matmul_peaks_before_after": bf16_peaks,
+        "matmul_peaks_before_after": fp32_peaks, "bf16_matmul_peaks_before_after": bf16_peaks,
         "gemm": f"{GEMM_SIZE}x{GEMM_SIZE}, best of {GEMM_REPEATS}",
         "contenders": rows, "ratios_over_trl": ratios, "checks": checks, "seeds": seeds,
         "steps_detail": {name: result["steps"] for name, result in contenders.items()},
