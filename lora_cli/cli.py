@@ -38,8 +38,12 @@ REQUIRED_ARGS = {"eval": ("run",), "generate": ("run",), "merge": ("run", "outpu
 
 
 def fail(message: str) -> int:
-    """A user error: one line on stderr, exit code 2."""
-    sys.stderr.write(f"lora: error: {message}\n")
+    """A user error: one line on stderr, exit code 2. Under accelerate launch every process meets the same error;
+    the main process alone says so."""
+    from lora_cli import launched
+
+    if launched.rank() == 0:
+        sys.stderr.write(f"lora: error: {message}\n")
     return 2
 
 
@@ -173,6 +177,13 @@ def train_job(cfg) -> None:
     # What reproduces the run from scratch (an exact resume trains the same adapter, so `resume=` is left out),
     # quoted so that it pastes into a shell as it ran: `dataset.system_prompt=Be brief` is one argument.
     from_scratch = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
+    world = launched.world_size()
+    if world != cfg.trainer.num_processes:  # `accelerate launch -m lora_cli train ...` by hand
+        # The run records the processes it ran on, so that its config, its commands and a resume (which refuses
+        # another count) all mean the same global batch.
+        cfg.trainer.num_processes = world
+        from_scratch = [*(o for o in from_scratch if not o.startswith("trainer.num_processes=")),
+                        f"trainer.num_processes={world}"]
     command = shlex.join(["lora", "train", *from_scratch])
     record = {"overrides": list(hydra_cfg.overrides.task), "variant": cfg.adapter.name, "r": cfg.adapter.r,
               "alpha": cfg.adapter.alpha}
@@ -180,16 +191,15 @@ def train_job(cfg) -> None:
     def finish(status: str, message: str | None = None, **fields) -> None:
         if launched.rank() == 0:  # under accelerate launch, the main process alone records and reports
             write_run_record(run_dir, {"status": status, **record, **fields})
-            if message:
-                fail(message)
+        if message:
+            fail(message)
 
     try:
         # A sweep's job dir (or the default timestamped one) holding another run: refused before this job writes
         # anything of its own there, run.json included, so the other run's record stays as it was.
         check_run_dir(run_dir, cfg.get("resume"))
     except UserError as exc:
-        if launched.rank() == 0:
-            fail(str(exc))
+        fail(str(exc))
         if not in_sweep:
             sys.exit(2)
         return
@@ -237,12 +247,13 @@ def terminate_as_interrupt():
 
 
 def _train_and_evaluate(cfg, run_dir: Path, command: str) -> dict:
-    from lora_cli.config import to_run_config
+    from lora_cli import launched
+    from lora_cli.config import to_run_config, with_absolute_paths
     from lora_cli.train import train
 
-    run = to_run_config(cfg)
+    run = with_absolute_paths(to_run_config(cfg))
     result, _ = train(run, run_dir, command)
-    if run.trainer.eval_at_end:
+    if run.trainer.eval_at_end and launched.rank() == 0:  # one process evaluates, on the adapter it saved
         from lora_cli.evaluate import evaluate_run
 
         evaluate_run(run_dir, run)

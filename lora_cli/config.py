@@ -438,6 +438,24 @@ def to_run_config(cfg) -> RunConfig:
     return run.validate()
 
 
+def with_absolute_paths(run: RunConfig) -> RunConfig:
+    """The run with its local paths (a model folder, a data file or folder, a launcher file) made absolute, as the
+    run dir's config.yaml keeps them: `lora eval|merge|generate run=...` and resume read it from wherever they
+    are started. Hub ids, shipped names and `builtin://` data stay as given: only what exists here is a path."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    def absolute(value: str | None) -> str | None:
+        local = Path(value).expanduser() if value and "://" not in value else None
+        return str(local.resolve()) if local is not None and local.exists() else value
+
+    model = replace(run.model, name_or_path=absolute(run.model.name_or_path)) \
+        if run.model.source == "pretrained" else run.model
+    launcher = run.trainer.launcher if run.trainer.launcher in LAUNCHERS else absolute(run.trainer.launcher)
+    return replace(run, model=model, dataset=replace(run.dataset, path=absolute(run.dataset.path)),
+                   trainer=replace(run.trainer, launcher=launcher))
+
+
 def compose(overrides: list[str]) -> RunConfig:
     """The typed RunConfig that `lora train OVERRIDES` would run, composed in-process (for Python callers:
     tests, benchmarks, notebooks)."""

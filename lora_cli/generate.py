@@ -12,6 +12,7 @@ from pathlib import Path
 
 from lora_cli.config import GenerateConfig, RunConfig
 from lora_cli.data import stop_token_ids
+from lora_cli.errors import UserError
 from lora_cli.labels import (
     LabelTrie,
     build_trie,
@@ -63,6 +64,9 @@ def label_reply(model, tokenizer, messages: list[dict], trie: LabelTrie, mode: s
 def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
     mode = cfg.generate.label_mode
     check_label_mode(mode, cfg.dataset, "generate.label_mode")
+    if prompt is not None and not prompt.strip():  # as the chat skips a blank line
+        raise UserError('prompt= is empty; pass the message to answer (prompt="I lost my card"), or leave prompt= '
+                        "out to chat")
     adapted = load_adapted(run_dir, cfg)
     model, tokenizer = adapted.model, adapted.tokenizer
     trie = build_trie(tokenizer, load_labels(cfg.dataset)) if mode != "generate" else None

@@ -21,6 +21,7 @@ from lora_cli.errors import UserError
 # accelerate's distributed_type values under which the loop hands parameters or the step to a framework.
 SHARDING_TYPES = ("FSDP", "DEEPSPEED")
 MULTI_MACHINE_PORT = 29500  # torchrun's default; every machine must use the same one
+STOP_GRACE_SECONDS = 600  # after a stop, how long the workers may take to finish their step and checkpoint
 
 
 def world_size() -> int:
@@ -126,7 +127,8 @@ def launch_command(args: list[str], trainer: TrainerConfig, run_dir: str) -> lis
     Without a launcher file, `--multi_gpu` is accelerate's flag for torchrun-style launching: on a CPU-only
     machine it starts the N processes with the gloo backend (its `--cpu` flag with a MULTI_CPU config would
     silently start one). With one, `--config_file` says it all; the trainer.* launch keys given here win over
-    the file's. `--quiet` keeps torchrun's own stack traces out of the way of our one-line errors."""
+    the file's. `run_launcher` runs it, so that a failure ends with the workers' own one-line error and exit
+    code, not torchrun's traceback."""
     args = [a for a in args if not a.startswith("hydra.run.dir=")]
     if trainer.launcher is None:
         how = ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -136,10 +138,69 @@ def launch_command(args: list[str], trainer: TrainerConfig, run_dir: str) -> lis
     where = ["--num_processes", str(trainer.num_processes), "--num_machines", str(trainer.num_machines)]
     if trainer.num_machines > 1:
         where += ["--machine_rank", str(trainer.machine_rank), "--main_process_ip", str(trainer.main_process_ip)]
-    return [sys.executable, "-m", "accelerate.commands.launch", *how, *where, "--main_process_port", str(port),
+    return [sys.executable, "-m", "lora_cli.launched", *how, *where, "--main_process_port", str(port),
             "--quiet", "-m", "lora_cli", "train", *args, f"hydra.run.dir={run_dir}"]
 
 
 def launch(args: list[str], trainer: TrainerConfig, run_dir: str) -> int:
-    """Run `lora train ARGS` on `trainer.num_processes` processes and return their exit code."""
-    return subprocess.call(launch_command(args, trainer, run_dir))
+    """Run `lora train ARGS` on `trainer.num_processes` processes and return their exit code.
+
+    The launcher runs in a session of its own, so that a stop reaches the workers once, through it: Ctrl-C,
+    SIGTERM or a closed terminal here is passed on, torchrun hands it to every worker, and they checkpoint at
+    the end of their step and exit; this process waits for that. A second stop kills them all at once."""
+    import signal
+
+    process = subprocess.Popen(launch_command(args, trainer, run_dir), start_new_session=True)
+    stops = []
+
+    def forward(signum, frame):
+        stops.append(signum)
+        if len(stops) == 1:
+            process.send_signal(signal.SIGTERM if signum == signal.SIGHUP else signum)
+        else:
+            os.killpg(process.pid, signal.SIGKILL)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        return process.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_launcher(argv: list[str]) -> int:
+    """`accelerate launch ARGV`, in this process, with the workers' outcome as the exit code. A worker's error has
+    been printed by the main process in one line; torchrun would follow it with a ChildFailedError traceback and
+    exit 1. Here the launch ends with the first failed worker's own exit code (2 for a user error), and with 130
+    when a stop signal ended it (the workers have checkpointed and said how to continue)."""
+    import logging
+
+    import torch.distributed.run  # noqa: F401 - creates torchrun's loggers, quieted below
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # Its warnings ("Sending process N closing signal SIGTERM", "failed (exitcode: 2)") would follow the workers'
+    # one-line error; what they say is in the exit code, or below.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    # The workers have until then to finish their step and write a checkpoint (torchrun's default: 30 s).
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(STOP_GRACE_SECONDS))
+    try:
+        launch_command(launch_command_parser().parse_args(argv))
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        if failure.exitcode > 0:
+            return failure.exitcode
+        signal_name = failure.signal_name()  # killed from outside, so it printed nothing: say what happened
+        sys.stderr.write(f"lora: error: process {rank} was killed by {signal_name}"
+                         f"{' (out of memory?)' if signal_name == 'SIGKILL' else ''}; the run is incomplete\n")
+        return 128 - failure.exitcode
+    except SignalException:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_launcher(sys.argv[1:]))

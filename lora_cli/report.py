@@ -9,8 +9,12 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-console = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
+from lora_cli.launched import rank
+
+# Under accelerate launch every process runs the same code; the main process (rank 0) alone prints.
+_QUIET = rank() > 0
+console = Console(stderr=True, highlight=False, quiet=_QUIET)
+stdout = Console(highlight=False, quiet=_QUIET)
 
 
 @contextmanager

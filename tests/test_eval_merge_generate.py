@@ -242,6 +242,37 @@ def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_pa
     other_weights = lora("generate", f"run={run_dir}", "prompt=hi", "generate.max_new_tokens=2", "model.init_seed=1")
     assert other_weights.returncode == 0, other_weights.stderr
     assert "differ from those the adapter was trained on" in other_weights.stderr
+    assert_one_line_error(lora("generate", f"run={run_dir}", "prompt= "), "prompt= is empty", "leave prompt= out")
+
+
+def test_a_failed_run_says_why_it_has_no_adapter(tmp_path):
+    """Not "not a lora-cli run dir": its run.json says what ended it."""
+    run_dir = tmp_path / "run"
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=2", "trainer.lr=1e38",
+                f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert_one_line_error(lora("generate", f"run={run_dir}", "prompt=hi"), "holds a run that failed before it saved",
+                          "non-finite loss", "train it again")
+
+
+def test_a_run_on_relative_paths_is_evaluated_from_anywhere(tmp_path):
+    """config.yaml keeps local paths absolute, so eval (merge, generate, resume) finds the data from any working
+    directory, not only the one training ran in."""
+    import yaml
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}"},
+                          {"role": "assistant", "content": f"label_{i % 3}"}]} for i in range(24)]
+    (work / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=1", "dataset=jsonl",
+                "dataset.path=data.jsonl", "hydra.run.dir=run", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    saved = yaml.safe_load((work / "run/config.yaml").read_text())
+    assert saved["dataset"]["path"] == str((work / "data.jsonl").resolve())
+    proc = lora("eval", f"run={work / 'run'}", *EVAL_FAST, cwd=elsewhere)
+    assert proc.returncode == 0, proc.stderr
 
 def test_merge_stores_bfloat16_after_checking_the_fp32_merge(tiny_run, tmp_path):
     """merge.dtype=bfloat16: the parity check runs on the fp32 merge; the storage rounding is reported apart,

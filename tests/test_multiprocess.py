@@ -90,3 +90,83 @@ def test_a_two_process_run_resumes_exactly(runs, tmp_path):
     got = load_file(run_dir / "adapter/adapter_model.safetensors")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert losses(run_dir) == losses(runs / "two")
+
+
+def test_a_run_launched_by_hand_records_the_processes_it_ran_on(runs, tmp_path):
+    """`accelerate launch --num_processes 2 -m lora_cli train ...` without trainer.num_processes: the run's config
+    and Reproduce command say 2, so that a plain `lora train ... resume=auto` (one process, half the global batch)
+    is refused instead of silently training another run."""
+    import yaml
+
+    saved = yaml.safe_load((runs / "by_hand/config.yaml").read_text())
+    assert saved["trainer"]["num_processes"] == 2
+    assert "trainer.num_processes=2" in (runs / "by_hand/README.md").read_text()
+    run_dir = tmp_path / "resumed"
+    shutil.copytree(runs / "by_hand/checkpoints/step-000002", run_dir / "checkpoints/step-000002")
+    proc = lora("train", "recipe=banking_support", *BASE, "trainer.batch_size=2", "resume=auto",
+                f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2 and "trainer.num_processes (2 -> 1)" in proc.stderr
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What a run printed besides its progress bar and data plan."""
+    plan = ("train ", "data:", "truncated")
+    return [line for line in stderr.splitlines() if line.strip() and not line.startswith(plan)]
+
+
+def test_a_failing_two_process_run_ends_with_its_one_line_error(tmp_path):
+    """The workers' error, once, exit code 2: not torchrun's ChildFailedError traceback and exit 1."""
+    proc = lora("train", "recipe=banking_support", *BASE, "trainer.batch_size=2", "trainer.num_processes=2",
+                "trainer.lr=1e38", f"hydra.run.dir={tmp_path / 'run'}", process=True)
+    assert proc.returncode == 2, proc.stderr
+    assert error_lines(proc.stderr) == [next(line for line in proc.stderr.splitlines() if "non-finite" in line)]
+    assert json.loads((tmp_path / "run/run.json").read_text())["status"] == "failed"
+
+
+def test_two_processes_print_once_and_evaluate_once(tmp_path):
+    """Every process runs the same code: the fallback message prints once, and the end-of-run evaluation runs in
+    the main process alone, on the adapter it saved (the other process read adapter/ before it existed)."""
+    run_dir = tmp_path / "run"
+    proc = lora("train", "recipe=banking_support", *BASE, "trainer.batch_size=2", "trainer.num_processes=2",
+                "trainer.precision=fp16", "trainer.eval_at_end=true", "eval.max_samples=4", "eval.max_new_tokens=4",
+                f"hydra.run.dir={run_dir}", process=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("trainer.precision=fp16 needs a CUDA GPU") == 1
+    assert proc.stdout.count("lora eval:") == 1 and (run_dir / "eval.json").is_file()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
+
+
+def test_sigterm_to_lora_stops_every_process_at_a_checkpoint(tmp_path):
+    """`kill PID` (or Ctrl-C) reaches the workers through their launcher: they checkpoint at the end of their step,
+    and `lora` waits for that, exits 130 and leaves no process behind (it had returned at once, leaving the
+    workers to train on)."""
+    import os
+    import signal
+    import time
+    from pathlib import Path
+
+    from conftest import LORA
+
+    run_dir = tmp_path / "run"
+    args = ["train", "recipe=banking_support", *TINY, "trainer.max_steps=10000", "trainer.eval_every=10000",
+            "trainer.batch_size=2", "trainer.num_processes=2", f"hydra.run.dir={run_dir}"]
+    process = subprocess.Popen([str(LORA), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               cwd=REPO)
+    deadline = time.monotonic() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or "loss" not in (run_dir / "metrics.jsonl").read_text():
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "interrupted" and list((run_dir / "checkpoints").glob("step-*"))
+    assert "continue with:" in stderr and "Traceback" not in stderr
+    leftovers = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(run_dir).encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                leftovers.append(cmdline.parent.name)
+        except OSError:
+            continue
+    assert not leftovers
