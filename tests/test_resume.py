@@ -23,7 +23,8 @@ RESUMABLE = [*TINY, "trainer.max_steps=24", "trainer.save_every=4", "trainer.eva
 # lora-bf16: what trainer.precision=auto trains LoRA in on a CPU with bf16 instructions (fp32, with a message,
 # where the CPU has none); the run and its resumption must agree to the bit all the same.
 VARIANTS = {"lora": ["adapter=lora"], "lora-bf16": ["adapter=lora", "trainer.precision=bf16"],
-            "slora": ["adapter=slora"], "scalora": ["adapter=scalora", "adapter.scalora.interval=3"]}
+            "slora": ["adapter=slora"], "scalora": ["adapter=scalora", "adapter.scalora.interval=3"],
+            "qlora": ["adapter=qlora"]}
 
 
 def start(args: list[str], run_dir) -> subprocess.Popen:
