@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_cli.adapters.lora import prepare_4bit_base
 from lora_cli.artifacts import BASE_WEIGHTS
 from lora_cli.config import RunConfig, to_run_config
 from lora_cli.errors import UserError
@@ -176,8 +177,22 @@ def apply_base_weights(base, adapter_dir: Path, required: bool) -> dict:
         raise UserError(f"{path} holds weights this base model lacks or shapes differently ({unknown[0]}); "
                         "load the base the run was trained on")
     pristine = {key: state[key].detach().clone() for key in trained}
+    hold_as_trained(base, trained)
     base.load_state_dict(trained, strict=False)
     return pristine
+
+
+def hold_as_trained(base, trained: dict) -> None:
+    """ScaLoRA trains its adapted base linears in fp32 inside a bf16 / fp16 model (`scalora.hold_in_fp32`); they
+    compute that way here too, or loading would round the trained fp32 weights into the model's dtype."""
+    import torch
+
+    from lora_cli.adapters.scalora import hold_in_fp32
+
+    for key, tensor in trained.items():
+        module = base.get_submodule(key.rsplit(".", 1)[0])
+        if isinstance(module, torch.nn.Linear) and key.endswith(".weight") and tensor.dtype == torch.float32:
+            hold_in_fp32(module)
 
 
 def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) -> AdaptedModel:
@@ -191,7 +206,7 @@ def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) ->
     other_base = bool(recorded) and recorded != checkpoint.sha256
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     quantize = None if full_precision else cfg.adapter.quantize
-    base = load_model(checkpoint, cfg.model, tokenizer, quantize, cfg.adapter.double_quant)
+    base = prepare_4bit_base(load_model(checkpoint, cfg.model, tokenizer, quantize, cfg.adapter.double_quant))
     pristine = apply_base_weights(base, adapter_dir, required=cfg.adapter.name == "scalora")
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)

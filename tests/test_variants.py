@@ -137,3 +137,26 @@ def test_qlora_gradients_are_those_of_the_dequantized_model():
         model(input_ids=tokens, labels=tokens).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for n, p in model.named_parameters() if "lora_A" in n]))
     assert (grads[0] - grads[1]).norm() <= 0.01 * grads[1].norm()
+
+
+@pytest.mark.parametrize("variant", [["adapter=scalora", "adapter.scalora.interval=1", "adapter.scalora.warmup=1"],
+                                     ["adapter=qlora"], ["adapter=qlora", "adapter.quantize=fp4"]],
+                         ids=["scalora", "qlora", "qlora_fp4"])
+def test_a_bf16_base_loads_for_eval_as_it_trained(tmp_path, variant):
+    """`lora eval` and `lora generate` must measure the model that trained. In a bf16 model ScaLoRA trains its adapted
+    base linears in fp32, and QLoRA's norms and embeddings are fp32 (peft's k-bit preparation): loading had
+    rounded both to bf16 (logits 0.02 and 0.006 off). Saving must not move the trained model either (bitsandbytes'
+    CPU repacking was undone, lossily, by state_dict())."""
+    import torch
+
+    from lora_cli.runs import load_adapted
+    from lora_cli.train import train
+
+    cfg = compose_run(["recipe=banking_support", *TINY, "trainer.max_steps=2", "trainer.eval_every=1",
+                       "model.dtype=bfloat16", *variant])
+    _, trained = train(cfg, tmp_path, "lora train (test)")
+    adapted = load_adapted(tmp_path, cfg).model
+    tokens = torch.randint(0, trained.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = trained.eval()(input_ids=tokens).logits, adapted(input_ids=tokens).logits
+    assert (expected.float() - got.float()).abs().max() <= 1e-3 * expected.float().abs().max()

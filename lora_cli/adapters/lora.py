@@ -65,6 +65,17 @@ def packed_in_float(model) -> bool:
     return storage is not None and getattr(storage, "is_floating_point", False)
 
 
+def prepare_4bit_base(model):
+    """A 4-bit base as training uses it: peft casts its norms and embeddings to fp32 for stable training. Not when
+    its 4-bit weights are packed in a float dtype to be sharded (FSDP / ZeRO-3), where every base weight must keep
+    that one dtype. Eval and generate load the base the same way, or they would measure another model."""
+    from peft import prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False) and not packed_in_float(model):
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return model
+
+
 def lora_layers(model) -> dict[str, object]:
     """Every peft LoRA layer of the model by its module name (they hold lora_A, lora_B and `scaling`)."""
     from peft.tuners.lora import LoraLayer
@@ -83,16 +94,13 @@ class Lora:
 
     def apply(self, model):
         """Wrap the frozen base model; only the adapter's parameters stay trainable. A 4-bit base (QLoRA) is
-        prepared first: peft casts its norms and embeddings to fp32 for stable training; except when its
-        4-bit weights are packed in a float dtype to be sharded (FSDP / ZeRO-3), where every base weight
-        must keep that one dtype. For training (trainer.fused_lora), the LoRA layers over plain linear
-        weights compute in one autograd function (adapters/fused.py)."""
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        prepared first (`prepare_4bit_base`). For training (trainer.fused_lora), the LoRA layers over plain
+        linear weights compute in one autograd function (adapters/fused.py)."""
+        from peft import get_peft_model
 
         check_targets(model, self.cfg)
         quantized = getattr(model, "is_loaded_in_4bit", False)
-        if quantized and not packed_in_float(model):
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = prepare_4bit_base(model)
         config = lora_config(self.cfg, model)
         if self.trainer is not None and self.trainer.fused_lora and not quantized:
             import torch
