@@ -57,8 +57,11 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-# What a lora run leaves in its folder from its start: Hydra's record (.hydra), then metrics, checkpoints, run.json.
-RUN_MARKERS = (".hydra", "metrics.jsonl", FOLDER, RUN_RECORD)
+# What a lora run leaves in its folder once it starts: metrics, checkpoints, run.json. Not Hydra's record (.hydra):
+# Hydra writes it into a sweep's job folder before the job can check that folder, so it proves nothing, and a
+# folder holding only it is as good as empty.
+RUN_MARKERS = ("metrics.jsonl", FOLDER, RUN_RECORD)
+HYDRA_RECORD = ".hydra"
 
 
 def check_run_dir(run_dir: Path, resume: str | None) -> None:
@@ -66,8 +69,8 @@ def check_run_dir(run_dir: Path, resume: str | None) -> None:
     folder of the user's own is never written into (a run writes README.md, config.yaml and more there)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"hydra.run.dir={run_dir} is a file, not a folder; pick a new or empty folder")
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not any((run_dir / name).exists() for name in RUN_MARKERS):
-        found = sorted(p.name for p in run_dir.iterdir())
+    found = sorted(p.name for p in run_dir.iterdir() if p.name != HYDRA_RECORD) if run_dir.is_dir() else []
+    if found and not any((run_dir / name).exists() for name in RUN_MARKERS):
         raise UserError(f"hydra.run.dir={run_dir} holds files that no lora run wrote ({', '.join(found[:3])}"
                         f"{', ...' if len(found) > 3 else ''}) and a run would write README.md, config.yaml and more "
                         "there; pick a new or empty folder")

@@ -96,9 +96,7 @@ def run_train(args: list[str]) -> int:
             from lora_cli.config import to_run_config
 
             run = to_run_config(composed)  # value checks (r > 0, ...) before Hydra creates a run dir
-            run_dir = next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None)
-            if run_dir and "${" in run_dir:  # e.g. hydra.run.dir='runs/r${adapter.r}': check the folder it names
-                run_dir = overrides.run_dir(configs, recipes, args)
+            run_dir = given_run_dir(args, configs, recipes)
             preflight(run, run_dir)
             if launched.world_size() > 1:
                 if not run_dir:
@@ -108,6 +106,9 @@ def run_train(args: list[str]) -> int:
                     args = [*args, "hydra.output_subdir=null"]
             elif run.trainer.num_processes > 1:
                 return launched.launch(args, run.trainer, run_dir or overrides.run_dir(configs, recipes, args))
+        elif ({"-m", "--multirun"} & set(flags)) and Path(given(args, "hydra.sweep.dir") or ".").is_file():
+            raise UserError(f"hydra.sweep.dir={given(args, 'hydra.sweep.dir')} is a file, not a folder; pick a new "
+                            "or empty folder")
         elif ({"-m", "--multirun"} & set(flags)) and any(
                 a.startswith("trainer.num_processes=") and a != "trainer.num_processes=1" for a in args):
             raise UserError("trainer.num_processes>1 runs one job on several processes; it cannot be swept "
@@ -118,6 +119,19 @@ def run_train(args: list[str]) -> int:
     sys.argv = ["lora train", *args]
     hydra.main(config_path=str(configs), config_name="train", version_base="1.3")(train_job)()
     return 0
+
+
+def given(args: list[str], key: str) -> str | None:
+    """The value of `KEY=VALUE` on the command line, if given."""
+    return next((a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")), None)
+
+
+def given_run_dir(args: list[str], configs: Path, recipes: Path) -> str | None:
+    """hydra.run.dir as given, resolved as Hydra will where it interpolates (e.g. 'runs/r${adapter.r}')."""
+    from lora_cli import overrides
+
+    run_dir = given(args, "hydra.run.dir")
+    return overrides.run_dir(configs, recipes, args) if run_dir and "${" in run_dir else run_dir
 
 
 def preflight(run, run_dir: str | None) -> None:
@@ -151,14 +165,14 @@ def dry_run(args: list[str], configs: Path, recipes: Path) -> int:
     if flags:
         raise UserError(f"--dry-run plans one run; drop {' '.join(flags)}")
     run = to_run_config(overrides.check(configs, recipes, args))
-    preflight(run, next((a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")), None))
+    preflight(run, given_run_dir(args, configs, recipes))
     from lora_cli.plan import plan
 
     print_plan(plan(run))
     return 0
 
 
-def train_job(cfg) -> None:
+def train_job(cfg) -> str | None:
     """One Hydra job. It always leaves run.json (complete, or failed with the reason). A user error ends a
     single run with one line and exit 2; in a sweep it marks the job failed and the sweep goes on."""
     from hydra.core.hydra_config import HydraConfig
@@ -168,7 +182,7 @@ def train_job(cfg) -> None:
     from lora_cli.checkpoint import check_run_dir, complete_checkpoints
     from lora_cli.errors import Interrupted
     from lora_cli.report import quiet_libraries
-    from lora_cli.sweep import write_run_record
+    from lora_cli.sweep import REFUSED, write_run_record
 
     quiet_libraries()
     hydra_cfg = HydraConfig.get()
@@ -202,32 +216,46 @@ def train_job(cfg) -> None:
         fail(str(exc))
         if not in_sweep:
             sys.exit(2)
-        return
+        return REFUSED  # the sweep's summary (sweep.SummarizeSweep) names the job and exits non-zero
     resume = shlex.join(["lora", "train", *from_scratch, "resume=auto", f"hydra.run.dir={run_dir}"])
     try:
         with terminate_as_interrupt():
-            finish("complete", result=_train_and_evaluate(cfg, run_dir, command))
+            result = _train(cfg, run_dir, command)
     except Interrupted as exc:
         finish("interrupted", f"{exc}; continue with: {resume}", reason=str(exc))
         sys.exit(130)
     except KeyboardInterrupt:  # Ctrl-C outside the loop's steps, which turn it into a checkpoint (Interrupted)
-        if (run_dir / "adapter").is_dir():
-            reason = (f"interrupted during the end-of-run evaluation; the trained adapter is saved: run "
-                      f"`lora eval run={run_dir}`")
-        elif complete_checkpoints(run_dir):
+        if complete_checkpoints(run_dir):
             reason = f"interrupted outside a training step; continue from the last checkpoint with: {resume}"
         else:
             reason = "interrupted before anything was trained or saved; run the command again"
         finish("interrupted", reason, reason=reason)
         sys.exit(130)
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+        reason = one_line_reason(exc)
         if cfg.get("debug") or not (in_sweep or isinstance(exc, UserError)):
             finish("failed", reason=reason)
             raise
         finish("failed", reason, reason=reason)
         if not in_sweep:
             sys.exit(2)
+        return None
+    finish("complete", result=result)  # trained: what follows only measures the saved adapter
+    if cfg.trainer.eval_at_end and launched.rank() == 0:
+        try:
+            with terminate_as_interrupt():
+                _evaluate(run_dir, cfg)
+        except (KeyboardInterrupt, Exception) as exc:
+            if cfg.get("debug") and not isinstance(exc, KeyboardInterrupt):
+                raise
+            # The run stays complete; its record says the evaluation did not finish (until `lora eval` writes
+            # eval.json, which is all the evaluation writes).
+            stopped = "was interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed ({one_line_reason(exc)})"
+            eval_error = f"the end-of-run evaluation {stopped}; the adapter is saved: run `lora eval run={run_dir}`"
+            finish("complete", eval_error, result=result, eval_error=eval_error)
+            if not in_sweep:
+                sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 2)
+    return None
 
 
 @contextmanager
@@ -246,18 +274,25 @@ def terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _train_and_evaluate(cfg, run_dir: Path, command: str) -> dict:
-    from lora_cli import launched
+def one_line_reason(exc: BaseException) -> str:
+    """An exception as the one line that run.json and the terminal give as the reason."""
+    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _train(cfg, run_dir: Path, command: str) -> dict:
     from lora_cli.config import to_run_config, with_absolute_paths
     from lora_cli.train import train
 
-    run = with_absolute_paths(to_run_config(cfg))
-    result, _ = train(run, run_dir, command)
-    if run.trainer.eval_at_end and launched.rank() == 0:  # one process evaluates, on the adapter it saved
-        from lora_cli.evaluate import evaluate_run
-
-        evaluate_run(run_dir, run)
+    result, _ = train(with_absolute_paths(to_run_config(cfg)), run_dir, command)
     return result
+
+
+def _evaluate(run_dir: Path, cfg) -> None:
+    """trainer.eval_at_end: `lora eval` on the adapter just saved, in one process (the main one)."""
+    from lora_cli.config import to_run_config, with_absolute_paths
+    from lora_cli.evaluate import evaluate_run
+
+    evaluate_run(run_dir, with_absolute_paths(to_run_config(cfg)))
 
 
 def run_report(args: list[str]) -> int:

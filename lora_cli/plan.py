@@ -110,4 +110,15 @@ def plan(cfg: RunConfig) -> dict:
             predicted_labels(e) for e in train_split.examples + eval_split.examples), held),
         "train_seconds": math.ceil(train_work / speed / cfg.trainer.num_processes),
         "evals": evals, "eval_seconds": math.ceil(eval_work / speed),
+        "eval_at_end": end_of_run_eval(cfg),
     }
+
+
+def end_of_run_eval(cfg: RunConfig) -> str | None:
+    """trainer.eval_at_end runs `lora eval` after training: generation, twice (base model and adapter), on the
+    whole eval split unless eval.max_samples caps it. Its time is not modelled; the plan says what it will do."""
+    if not cfg.trainer.eval_at_end:
+        return None
+    examples = f"up to {cfg.eval.max_samples}" if cfg.eval.max_samples else "all (dataset caps do not apply)"
+    return (f"then `lora eval` on {examples} eval examples, base model and adapter, generating up to "
+            f"{cfg.eval.max_new_tokens} tokens each: not in the time estimate, often longer than training")

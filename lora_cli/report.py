@@ -79,6 +79,8 @@ def print_plan(plan: dict) -> None:
         ("time", f"~{format_seconds(plan['train_seconds'])} training, ~{format_seconds(plan['eval_seconds'])} for "
                  f"{plan['evals']} evals (estimate from this machine's matmul speed, measured in the run's precision)"),
     ]
+    if plan["eval_at_end"]:
+        rows.append(("end-of-run eval", plan["eval_at_end"]))
     for name, value in rows:
         table.add_row(name, value)
     stdout.print(table)
@@ -218,12 +220,13 @@ def merge_table(result: dict) -> None:
 
 
 def leaderboard(rows: list[dict], metric: str, root) -> None:
+    """The runs, best first by `metric` (always shown), with what was swept (sweep.with_swept)."""
     table = Table(title=f"lora report: {escape(str(root))} (sorted by {metric})", title_justify="left")
-    columns = ["run", "status", "variant", "r", "trainable_params", "train_loss", "eval_loss", "accuracy",
-               "tokens_per_s", "wall_time_s", "peak_rss_mib"]
-    columns = [c for c in columns if any(r.get(c) not in (None, "") for r in rows)]
+    columns = ["run", "status", "swept", "variant", "r", "trainable_params", "train_loss", "eval_loss", "accuracy",
+               "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib"]
+    columns = [c for c in columns if c == metric or any(r.get(c) not in (None, "") for r in rows)]
     for column in columns:
-        table.add_column(column, justify="left" if column in ("run", "status", "variant") else "right",
+        table.add_column(column, justify="left" if column in ("run", "status", "swept", "variant") else "right",
                          style="bold" if column == metric else None)
     for r in rows:
         table.add_row(*[_cell(r.get(c)) for c in columns])

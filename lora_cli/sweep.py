@@ -9,21 +9,27 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shlex
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from rich.markup import escape
 
 from lora_cli.errors import UserError
 
 RUN_RECORD = "run.json"
-COLUMNS = ["run", "status", "overrides", "variant", "r", "alpha", "trainable_params", "train_loss", "eval_loss",
-           "accuracy", "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib", "reason"]
+REFUSED = "refused"  # what a sweep job returns when its folder holds another run or the user's files
+COLUMNS = ["run", "status", "overrides", "swept", "variant", "r", "alpha", "trainable_params", "train_loss",
+           "eval_loss", "accuracy", "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib", "reason"]
 HIGHER_IS_BETTER = {"accuracy", "token_f1", "tokens_per_s"}
 
 
 def write_run_record(run_dir: Path, record: dict) -> None:
+    """run.json, replaced whole (written aside, then renamed), so that a reader never sees half of it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RUN_RECORD).write_text(json.dumps(record, indent=2))
+    partial = run_dir / f".{RUN_RECORD}.partial"
+    partial.write_text(json.dumps(record, indent=2))
+    partial.replace(run_dir / RUN_RECORD)
 
 
 def read_run_record(run_dir: Path) -> dict:
@@ -43,16 +49,17 @@ def find_runs(root: Path) -> list[Path]:
 
 
 def row(run_dir: Path, root: Path) -> dict:
-    record = json.loads((run_dir / RUN_RECORD).read_text()) if (run_dir / RUN_RECORD).is_file() else \
-        {"status": "complete"}
+    record = read_json(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else {"status": "complete"}
     result = record.get("result", {})
-    evaluation = json.loads((run_dir / "eval.json").read_text()) if (run_dir / "eval.json").is_file() else {}
+    evaluation = read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else {}
+    if record.get("eval_error") and not evaluation:  # trained, but the end-of-run evaluation did not finish
+        record = {**record, "status": "eval unfinished", "reason": record["eval_error"]}
     adapter_metrics = evaluation.get("adapter", {})
     rss = result.get("peak_memory", {}).get("RSS")
     logged = last_logged(run_dir)  # runs without run.json (an older layout) still have their metrics
     return {
         "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
-        "status": record.get("status", "unknown"), "overrides": " ".join(record.get("overrides", [])),
+        "status": record.get("status", "unknown"), "overrides": shlex.join(record.get("overrides", [])),
         "variant": record.get("variant", result.get("variant")), "r": record.get("r", result.get("r")),
         "alpha": record.get("alpha"), "trainable_params": result.get("trainable_params"),
         "train_loss": result.get("train_loss_last", logged.get("loss")),
@@ -63,14 +70,36 @@ def row(run_dir: Path, root: Path) -> dict:
     }
 
 
+def read_json(path: Path) -> dict:
+    """A run's JSON record; an unreadable one (cut short, edited) is a row that says so, not a crashed summary."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        return {"status": "unreadable", "reason": f"{path.name}: {str(exc).splitlines()[0]}"}
+    return found if isinstance(found, dict) else {"status": "unreadable", "reason": f"{path.name}: not an object"}
+
+
 def last_logged(run_dir: Path) -> dict:
     """The last logged value of each metric in the run's metrics.jsonl ({} if it has none)."""
     path = run_dir / "metrics.jsonl"
     last: dict = {}
     if path.is_file():
         for line in path.read_text().splitlines():
-            last.update(json.loads(line))
+            try:
+                last.update(json.loads(line))
+            except ValueError:  # a line cut short by a killed run
+                continue
     return last
+
+
+def with_swept(rows: list[dict]) -> list[dict]:
+    """Each row with `swept`: its overrides that not every run shares. An lr or seed sweep's rows differ in
+    nothing else that the summary shows."""
+    overrides = [shlex.split(r["overrides"]) for r in rows]
+    known = [set(own) for own in overrides if own]  # an unreadable record has none
+    shared = set.intersection(*known) if known else set()
+    return [{**r, "swept": shlex.join(o for o in own if o not in shared)} for r, own in zip(rows, overrides,
+                                                                                            strict=True)]
 
 
 def sort_key(metric: str):
@@ -87,11 +116,11 @@ def summarize(root: Path, metric: str = "eval_loss") -> list[dict]:
     if not root.is_dir():
         raise UserError(f"{root}: no such directory; pass a sweep dir (multirun/...) or a folder of runs")
     if metric not in COLUMNS:
-        raise UserError(f"metric={metric}: not a summary column; choose one of: {', '.join(COLUMNS[6:14])}")
+        raise UserError(f"metric={metric}: not a summary column; choose one of: {', '.join(COLUMNS[7:15])}")
     runs = find_runs(root)
     if not runs:
         raise UserError(f"{root} holds no lora-cli runs (no run.json or config.yaml + adapter/ below it)")
-    rows = sorted((row(run, root) for run in runs), key=sort_key(metric))
+    rows = sorted(with_swept([row(run, root) for run in runs]), key=sort_key(metric))
     with open(root / "summary.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
@@ -135,12 +164,29 @@ class SummarizeSweep(Callback):
     """Hydra callback (configs/train.yaml, hydra.callbacks): summarise the sweep when its last job ends;
     exit non-zero if any job failed, after every other job has run."""
 
+    def __init__(self) -> None:
+        self.refused: list[str] = []  # job folders that held another run or the user's files: those jobs never ran
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
+
+        if job_return.status == JobStatus.COMPLETED and job_return.return_value == REFUSED:
+            self.refused.append(config.hydra.runtime.output_dir)
+
     def on_multirun_end(self, config, **kwargs) -> None:
         import sys
 
-        from lora_cli.report import quiet_libraries
+        from lora_cli.report import console, quiet_libraries
 
         quiet_libraries()
-        rows = summarize(Path(config.hydra.sweep.dir))
-        if any(r["status"] != "complete" for r in rows):
+        try:
+            rows = summarize(Path(config.hydra.sweep.dir))
+        except UserError as exc:  # no job ran: the refusals below say why
+            rows = []
+            if not self.refused:
+                console.print(f"lora: error: {escape(str(exc))}")
+        for folder in self.refused:
+            console.print(f"[red]not run[/]: {escape(folder)} held another run or files of yours (see above); what "
+                          "the summary shows for it is that, not this sweep's job")
+        if self.refused or not rows or any(r["status"] != "complete" for r in rows):
             sys.exit(1)

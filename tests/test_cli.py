@@ -200,3 +200,12 @@ def test_dry_run_validates_and_prints_the_plan_without_training(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
     bad = lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama", "adapter.target_modules=[qkv]")
     assert_one_line_error(bad, "qkv", "q_proj")
+    # trainer.eval_at_end: what it will do, and that its time is not in the estimate.
+    at_end = lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama", "trainer.eval_at_end=true",
+                  "eval.max_samples=50")
+    assert "then `lora eval` on up to 50 eval examples" in " ".join(at_end.stdout.split())
+    # An interpolated run dir is checked as the folder it names, as the run will.
+    (tmp_path / "r16" / "adapter").mkdir(parents=True)
+    (tmp_path / "r16" / "run.json").write_text('{"status": "complete"}')
+    assert_one_line_error(lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama",
+                               f"hydra.run.dir={tmp_path}/r${{adapter.r}}"), "already holds a trained adapter")

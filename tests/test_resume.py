@@ -115,10 +115,18 @@ def test_a_stop_in_the_end_of_run_eval_is_recorded_as_such(tmp_path, monkeypatch
     proc = lora("train", "recipe=banking_support", *TINY, "trainer.eval_at_end=true", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 130 and "Traceback" not in proc.stderr
     last = proc.stderr.splitlines()[-1]
-    assert last.startswith("lora: error: interrupted during the end-of-run evaluation") and \
+    assert last.startswith("lora: error: the end-of-run evaluation was interrupted") and \
         f"lora eval run={run_dir}" in last
-    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    # Training completed: its record keeps the result, and says the evaluation did not finish until it has.
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and record["result"]["steps"] > 0 and "interrupted" in record["eval_error"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    from lora_cli.sweep import row
+
+    assert row(run_dir, tmp_path)["status"] == "eval unfinished"
+    monkeypatch.undo()
+    assert lora("eval", f"run={run_dir}", "eval.max_samples=2", "eval.max_new_tokens=2").returncode == 0
+    assert row(run_dir, tmp_path)["status"] == "complete"
 
 
 def test_resume_refuses_another_config_and_non_checkpoints(tmp_path):

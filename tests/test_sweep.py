@@ -51,6 +51,41 @@ def test_the_same_sweep_again_leaves_the_finished_jobs_as_they_were(tmp_path):
     again = lora("train", *SWEEP, "adapter.r=2", f"hydra.sweep.dir={tmp_path}")
     assert "already holds a trained adapter" in again.stderr
     assert record.read_text() == before and [r["status"] for r in read_summary(tmp_path)] == ["complete"]
+    # The job did not run: the sweep says so and fails, since its summary shows the earlier run, not this job.
+    assert again.returncode == 1 and "not run" in again.stderr and str(record.parent) in again.stderr
+
+
+def test_a_sweep_job_never_writes_into_a_folder_of_the_users_files(tmp_path):
+    """Hydra writes its .hydra record into the job folder before the job starts: that is no sign of a lora run,
+    and the user's README stays theirs."""
+    notes = tmp_path / "0_lora_r2" / "README.md"
+    notes.parent.mkdir()
+    notes.write_text("my notes")
+    proc = lora("train", *SWEEP, "adapter.r=2", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 1 and "holds files that no lora run wrote (README.md)" in proc.stderr
+    assert notes.read_text() == "my notes" and not (notes.parent / "adapter").exists()
+
+
+def test_a_sweep_dir_that_is_a_file_is_refused_in_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    assert_one_line_error(lora("train", *SWEEP, "adapter.r=2", f"hydra.sweep.dir={tmp_path / 'afile'}"),
+                          "is a file, not a folder")
+
+
+def test_the_leaderboard_shows_what_was_swept_and_survives_an_unreadable_record(tmp_path):
+    """An lr sweep's rows differ in their overrides alone: the leaderboard shows them. A run.json cut short is a
+    row saying so, not a crashed summary."""
+    proc = lora("train", *SWEEP, "trainer.lr=1e-3,3e-3", f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["swept"] for r in read_summary(tmp_path)) == ["trainer.lr=0.001", "trainer.lr=0.003"]
+    assert "swe" in " ".join(proc.stdout.split()).split("sorted by")[1]  # a leaderboard column (heading may be cut)
+    next(tmp_path.glob("*/run.json")).write_text('{"status": "comp')
+    with open(next(tmp_path.glob("*/metrics.jsonl")), "a") as metrics:
+        metrics.write('{"step": 4, "lo')
+    report = lora("report", str(tmp_path), "metric=token_f1")
+    assert report.returncode == 0, report.stderr
+    assert "unreadable: run.json" in " ".join(report.stdout.split())
+    assert "unreadable" in [r["status"] for r in read_summary(tmp_path)]
 
 
 def test_each_job_of_a_sweep_reports_its_own_peak_memory(tmp_path):
