@@ -174,7 +174,7 @@ def main() -> None:
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     model = load_model(checkpoint, cfg.model, tokenizer)
     head = model.get_output_embeddings()
-    weights = [w.detach() for w in flop_count.frozen_linear_weights(model)]
+    weights = [w.detach() for w in flop_count.frozen_linear_weights(model).values()]
     rank, scaling = cfg.adapter.r, cfg.adapter.alpha / cfg.adapter.r
     config = model.config
     constants = flop_count.constants(model) | {"W_lora": sum(rank * (w.shape[0] + w.shape[1]) for w in weights)}

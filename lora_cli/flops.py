@@ -12,28 +12,38 @@ FORMULA = (
     "and token, no weight gradient; W_lora = LoRA's A and B weights: 2 forward + 2 input-gradient + 2 "
     "weight-gradient; attention QK^T and AV: 2*d_attn FLOPs each per pair forward (d_attn = heads x head_dim), twice "
     "that backward; W_head = the output head, on labelled positions only: 2 forward + 2 input-gradient (frozen). "
-    "Padding, norms, activations, softmax and RoPE are not counted. MFU = FLOPs / s / fp32 GEMM peak."
+    "Blocks below the lowest adapted one (adapter.layers) have no backward: their weights and attention pairs "
+    "count forward only. Padding, norms, activations, softmax and RoPE are not counted. MFU = FLOPs / s / fp32 GEMM "
+    "peak."
 )
 
 
-def frozen_linear_weights(model) -> list:
-    """The blocks' linear weights: every nn.Linear but the output head and, in a peft model, LoRA's own A and B
-    (they are nn.Linear too, and have a weight gradient)."""
+def frozen_linear_weights(model) -> dict:
+    """The blocks' linear weights by module name: every nn.Linear but the output head and, in a peft model, LoRA's
+    own A and B (they are nn.Linear too, and have a weight gradient)."""
     import torch
 
     head = model.get_output_embeddings()
-    return [module.weight for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear) and module is not head and "lora_" not in name]
+    return {name: module.weight for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and module is not head and "lora_" not in name}
 
 
 def constants(model) -> dict[str, int]:
-    """FORMULA's constants for a model, with its LoRA adapter if it has one (W_lora is 0 without)."""
+    """FORMULA's constants for a model, with its LoRA adapter if it has one (W_lora is 0 without). W_below and
+    n_below: the frozen weights and the blocks under the lowest adapted block, which no gradient reaches."""
+    from lora_cli.adapters.slora import block_index
+
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    lora = [p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name]
-    return {"W_blocks": sum(w.numel() for w in frozen_linear_weights(model)), "W_lora": sum(p.numel() for p in lora),
+    lora = {name: p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}
+    lowest = min((b for b in map(block_index, lora) if b is not None), default=0)
+    frozen = frozen_linear_weights(model)
+    blocks = {name: block_index(name) for name in frozen}
+    below = [w for name, w in frozen.items() if blocks[name] is not None and blocks[name] < lowest]
+    return {"W_blocks": sum(w.numel() for w in frozen.values()), "W_lora": sum(p.numel() for p in lora.values()),
             "W_head": model.get_output_embeddings().weight.numel(),
-            "n_layers": config.num_hidden_layers, "d_attn": config.num_attention_heads * head_dim}
+            "n_layers": config.num_hidden_layers, "d_attn": config.num_attention_heads * head_dim,
+            "W_below": sum(w.numel() for w in below), "n_below": lowest}
 
 
 def sequence_work(lengths: list[int], labels: int, padded: int) -> dict:
@@ -47,10 +57,11 @@ def by_kernel(work: dict, c: dict, backward: bool = True) -> dict[str, float]:
     """FORMULA's terms, by the kernels that do them (benchmarks/mfu_ceiling.py times each); forward only (an eval)
     with backward=False."""
     frozen, lora, attention = (4, 6, 12) if backward else (2, 2, 4)
-    return {"frozen GEMMs": frozen * c["W_blocks"] * work["tokens"],
+    below, blocks_below = c.get("W_below", 0), c.get("n_below", 0)  # forward only (2, and 4 per pair)
+    return {"frozen GEMMs": (frozen * (c["W_blocks"] - below) + 2 * below) * work["tokens"],
             "LoRA products": lora * c["W_lora"] * work["tokens"],
             "output head": frozen * c["W_head"] * work["trained_tokens"],
-            "attention": attention * c["n_layers"] * c["d_attn"] * work["pairs"]}
+            "attention": (attention * (c["n_layers"] - blocks_below) + 4 * blocks_below) * c["d_attn"] * work["pairs"]}
 
 
 def total(work: dict, c: dict, backward: bool = True) -> float:
