@@ -165,10 +165,11 @@ def dry_run(args: list[str], configs: Path, recipes: Path) -> int:
     if flags:
         raise UserError(f"--dry-run plans one run; drop {' '.join(flags)}")
     run = to_run_config(overrides.check(configs, recipes, args))
-    preflight(run, given_run_dir(args, configs, recipes))
+    run_dir = given_run_dir(args, configs, recipes)
+    preflight(run, run_dir)
     from lora_cli.plan import plan
 
-    print_plan(plan(run))
+    print_plan(plan(run, Path(run_dir) if run_dir else None))
     return 0
 
 
@@ -242,19 +243,31 @@ def train_job(cfg) -> str | None:
         return None
     finish("complete", result=result)  # trained: what follows only measures the saved adapter
     if cfg.trainer.eval_at_end and launched.rank() == 0:
-        try:
-            with terminate_as_interrupt():
-                _evaluate(run_dir, cfg)
-        except (KeyboardInterrupt, Exception) as exc:
-            if cfg.get("debug") and not isinstance(exc, KeyboardInterrupt):
-                raise
-            # The run stays complete; its record says the evaluation did not finish (until `lora eval` writes
-            # eval.json, which is all the evaluation writes).
-            stopped = "was interrupted" if isinstance(exc, KeyboardInterrupt) else f"failed ({one_line_reason(exc)})"
-            eval_error = f"the end-of-run evaluation {stopped}; the adapter is saved: run `lora eval run={run_dir}`"
+        unfinished = evaluate_at_end(run_dir, cfg)
+        if unfinished:  # the run stays complete; its record says the evaluation did not finish
+            eval_error, code = unfinished
             finish("complete", eval_error, result=result, eval_error=eval_error)
             if not in_sweep:
-                sys.exit(130 if isinstance(exc, KeyboardInterrupt) else 2)
+                sys.exit(code)
+    return None
+
+
+def evaluate_at_end(run_dir: Path, cfg) -> tuple[str, int] | None:
+    """trainer.eval_at_end: `lora eval` on the adapter just saved. A stop or a failure here takes nothing from the
+    trained run: it returns what to record (until `lora eval` writes eval.json) and the exit code."""
+    from lora_cli.config import to_run_config, with_absolute_paths
+    from lora_cli.evaluate import evaluate_run
+
+    try:
+        with terminate_as_interrupt():
+            evaluate_run(run_dir, with_absolute_paths(to_run_config(cfg)))
+    except KeyboardInterrupt:
+        return f"the end-of-run evaluation was interrupted; the adapter is saved: run `lora eval run={run_dir}`", 130
+    except Exception as exc:
+        if cfg.get("debug"):
+            raise
+        return (f"the end-of-run evaluation failed ({one_line_reason(exc)}); the adapter is saved: fix that and run "
+                f"`lora eval run={run_dir}`"), 2
     return None
 
 
@@ -285,14 +298,6 @@ def _train(cfg, run_dir: Path, command: str) -> dict:
 
     result, _ = train(with_absolute_paths(to_run_config(cfg)), run_dir, command)
     return result
-
-
-def _evaluate(run_dir: Path, cfg) -> None:
-    """trainer.eval_at_end: `lora eval` on the adapter just saved, in one process (the main one)."""
-    from lora_cli.config import to_run_config, with_absolute_paths
-    from lora_cli.evaluate import evaluate_run
-
-    evaluate_run(run_dir, with_absolute_paths(to_run_config(cfg)))
 
 
 def run_report(args: list[str]) -> int:

@@ -5,7 +5,9 @@ are loaded: the model is built on the meta device, which is enough to count para
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from lora_cli import adapters, flops
 from lora_cli.artifacts import resident_memory
@@ -67,7 +69,17 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
     return int(held + weights + 16 * trainable + activations + head)
 
 
-def plan(cfg: RunConfig) -> dict:
+def steps_done(cfg: RunConfig, run_dir: Path | None) -> int:
+    """The steps a resumed run has behind it (its checkpoint's), 0 for a new run."""
+    from lora_cli.checkpoint import STATE, resolve_resume
+
+    if cfg.resume is None or (cfg.resume == "auto" and run_dir is None):
+        return 0
+    found = resolve_resume(cfg.resume, run_dir or Path("."))
+    return json.loads((found / STATE).read_text())["state"]["step"] if found else 0
+
+
+def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     import torch
 
     # What resolving takes is left out of the estimate: on a first run it converts the embedded GGUF (or builds the
@@ -85,10 +97,11 @@ def plan(cfg: RunConfig) -> dict:
     # The count the speed benchmark measures MFU by (flops.FORMULA), over the epochs the steps take, at EFFICIENCY
     # of the matmul speed in the run's precision.
     sizes = flops.constants(model)
-    train_work = flops.total(split_work(train_split), sizes) * steps * step_size / len(train_split.examples)
+    done = steps_done(cfg, run_dir)  # a resumed run trains the rest, without the eval before the first step
+    train_work = flops.total(split_work(train_split), sizes) * (steps - done) * step_size / len(train_split.examples)
     # Evals (one before the first step, then the loop's): forward only, and every process evaluates the whole
     # split, so they do not divide among processes.
-    evals = 1 + sum(is_eval_step(step, steps, cfg.trainer.eval_every) for step in range(1, steps + 1))
+    evals = (done == 0) + sum(is_eval_step(step, steps, cfg.trainer.eval_every) for step in range(done + 1, steps + 1))
     eval_work = evals * flops.total(split_work(eval_split), sizes, backward=False)
     precision = precision_name(mixed_precision(cfg))
     # The training device's matmul speed (the GPU if there is one) in the dtype its linear layers compute in.
@@ -103,8 +116,8 @@ def plan(cfg: RunConfig) -> dict:
         "train_tokens": train_split.tokens, "label_tokens": train_split.label_tokens,
         "truncated": train_split.truncated + eval_split.truncated,
         "dropped": train_split.dropped + eval_split.dropped, "longest": longest,
-        "steps": steps, "examples_per_step": step_size, "epochs": round(steps * step_size / len(train_split.examples),
-                                                                          2),
+        "steps": steps, "steps_done": done, "examples_per_step": step_size,
+        "epochs": round(steps * step_size / len(train_split.examples), 2),
         "trainable_params": trainable, "total_params": total,
         "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest, max(
             predicted_labels(e) for e in train_split.examples + eval_split.examples), held),

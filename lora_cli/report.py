@@ -72,7 +72,8 @@ def print_plan(plan: dict) -> None:
         ("examples", f"{plan['train_examples']:,} train, {plan['eval_examples']:,} eval "
                      f"({plan['truncated']} truncated, {plan['dropped']} dropped; longest {plan['longest']} tokens)"),
         ("tokens", f"{plan['train_tokens']:,} train tokens, {plan['label_tokens']:,} with labels"),
-        ("steps", f"{plan['steps']:,} x {plan['examples_per_step']} examples ({plan['epochs']} epochs)"),
+        ("steps", f"{plan['steps']:,} x {plan['examples_per_step']} examples ({plan['epochs']} epochs)"
+                  + (f"; resuming after step {plan['steps_done']:,}" if plan["steps_done"] else "")),
         ("trainable params", f"{plan['trainable_params']:,} of {plan['total_params']:,} "
                              f"({100 * plan['trainable_params'] / plan['total_params']:.2f}%)"),
         ("peak memory", f"~{format_bytes(plan['peak_memory_bytes'])} (estimate)"),

@@ -76,11 +76,12 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         if unfinished:
             raise UserError(f"{run_dir} holds an unfinished run (checkpoint {unfinished[-1].name}, no adapter yet); "
                             f"finish it first: lora train ... resume=auto hydra.run.dir={run_dir}")
-        from lora_cli.sweep import read_run_record
+        from lora_cli.sweep import RUN_RECORD, read_json
 
-        record = read_run_record(run_dir)
+        record = read_json(run_dir / RUN_RECORD)
         if record.get("status") in ("failed", "interrupted"):  # what ended it, from its run.json
-            raise UserError(f"{run_dir} holds a run that {record['status']} before it saved an adapter "
+            ended = "failed" if record["status"] == "failed" else "was interrupted"
+            raise UserError(f"{run_dir} holds a run that {ended} before it saved an adapter "
                             f"({record.get('reason') or 'no reason recorded'}); train it again")
         raise UserError(f"{run_dir} is not a lora-cli run dir (no config.yaml); pass run=<a dir `lora train` wrote>")
     try:

@@ -32,15 +32,6 @@ def write_run_record(run_dir: Path, record: dict) -> None:
     partial.replace(run_dir / RUN_RECORD)
 
 
-def read_run_record(run_dir: Path) -> dict:
-    """The run's run.json (status, and the reason where it did not complete), or {} where there is none."""
-    try:
-        record = json.loads((run_dir / RUN_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def find_runs(root: Path) -> list[Path]:
     """Run dirs under `root` (itself included): folders a `lora train` job wrote its record or config into."""
     found = {p.parent for p in root.rglob(RUN_RECORD)} | {p.parent for p in root.rglob("config.yaml")

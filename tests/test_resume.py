@@ -162,6 +162,15 @@ def test_checkpoints_are_pruned_to_the_newest(tmp_path):
                 f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000016", "step-000020"]
+    # The dry-run of a resume plans the steps left, and no eval before them (RESUMABLE: 24 steps, eval every 5).
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "checkpoints").mkdir(parents=True)
+    (tmp_path / "checkpoints" / "step-000016").rename(unfinished / "checkpoints" / "step-000016")
+    plan = lora("train", "--dry-run", "recipe=banking_support", *RESUMABLE, "resume=auto",
+                f"hydra.run.dir={unfinished}")
+    assert plan.returncode == 0, plan.stderr
+    shown = " ".join(plan.stdout.split())
+    assert "resuming after step 16" in shown and "for 2 evals" in shown  # after 20 and after 24
 
 
 def test_non_finite_loss_stops_naming_the_step(tmp_path):
