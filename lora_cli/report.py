@@ -235,6 +235,10 @@ def leaderboard(rows: list[dict], metric: str, root) -> None:
     for r in rows:
         if r["status"] != "complete":
             stdout.print(f"[red]{escape(r['run'])}: {r['status']}[/]: {escape(str(r['reason']))}")
+    sources = {r["eval_on"] for r in rows if r.get("eval_on")}
+    if len(sources) > 1:
+        stdout.print(f"[yellow]the eval numbers come from {len(sources)} different sets of examples (summary.csv's "
+                     "eval_on: `lora eval` or training's last eval); run `lora eval` on every run to compare them[/]")
     stdout.print(f"wrote {root}/summary.csv and {root}/summary.png")
 
 

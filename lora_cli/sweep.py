@@ -19,8 +19,9 @@ from lora_cli.errors import UserError
 
 RUN_RECORD = "run.json"
 REFUSED = "refused"  # what a sweep job returns when its folder holds another run or the user's files
-COLUMNS = ["run", "status", "overrides", "swept", "variant", "r", "alpha", "trainable_params", "train_loss",
-           "eval_loss", "accuracy", "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib", "reason"]
+METRICS = ["trainable_params", "train_loss", "eval_loss", "accuracy", "token_f1", "tokens_per_s", "wall_time_s",
+           "peak_rss_mib"]
+COLUMNS = ["run", "status", "overrides", "swept", "variant", "r", "alpha", *METRICS, "eval_on", "reason"]
 HIGHER_IS_BETTER = {"accuracy", "token_f1", "tokens_per_s"}
 
 
@@ -57,8 +58,17 @@ def row(run_dir: Path, root: Path) -> dict:
         "eval_loss": adapter_metrics.get("eval_loss", result.get("eval_loss_after", logged.get("eval_loss"))),
         "accuracy": adapter_metrics.get("accuracy"), "token_f1": adapter_metrics.get("token_f1"),
         "tokens_per_s": result.get("tokens_per_s"), "wall_time_s": result.get("wall_time_s"),
-        "peak_rss_mib": rss / 2**20 if rss else None, "reason": record.get("reason", ""),
+        "peak_rss_mib": rss / 2**20 if rss else None, "eval_on": eval_source(evaluation, result),
+        "reason": record.get("reason", ""),
     }
+
+
+def eval_source(evaluation: dict, result: dict) -> str:
+    """Which examples the row's eval numbers come from: `lora eval`'s (eval.json; training's caps do not apply
+    there) or training's last eval. Rows from different sources are not comparable."""
+    if "examples" in evaluation:
+        return f"lora eval: {evaluation.get('split')}, {evaluation['examples']} examples"
+    return f"training: {result['eval_examples']} examples" if "eval_examples" in result else ""
 
 
 def read_json(path: Path) -> dict:
@@ -106,8 +116,8 @@ def summarize(root: Path, metric: str = "eval_loss") -> list[dict]:
     """Write summary.csv and summary.png for every run under root, print the leaderboard; return the rows."""
     if not root.is_dir():
         raise UserError(f"{root}: no such directory; pass a sweep dir (multirun/...) or a folder of runs")
-    if metric not in COLUMNS:
-        raise UserError(f"metric={metric}: not a summary column; choose one of: {', '.join(COLUMNS[7:15])}")
+    if metric not in METRICS:
+        raise UserError(f"metric={metric}: not a summary column; choose one of: {', '.join(METRICS)}")
     runs = find_runs(root)
     if not runs:
         raise UserError(f"{root} holds no lora-cli runs (no run.json or config.yaml + adapter/ below it)")

@@ -28,6 +28,7 @@ def test_rank_sweep_summarises_every_job(tmp_path):
     assert all(float(r["eval_loss"]) > 0 and float(r["tokens_per_s"]) > 0 for r in rows)
     assert all(0 <= float(r["accuracy"]) <= 1 for r in rows)  # trainer.eval_at_end ran `lora eval`
     assert all((tmp_path / r["run"] / "eval.json").is_file() for r in rows)
+    assert {r["eval_on"] for r in rows} == {"lora eval: eval, 4 examples"}
     assert (tmp_path / "summary.png").stat().st_size > 0
     assert len(list(tmp_path.glob("*/adapter/adapter_model.safetensors"))) == 2
     assert "sorted by eval_loss" in " ".join(proc.stdout.split())  # the title may wrap
@@ -38,6 +39,7 @@ def test_a_failed_job_is_a_row_and_the_others_complete(tmp_path):
     assert proc.returncode != 0  # the sweep ran to the end, then reports the failure
     rows = {r["r"]: r for r in read_summary(tmp_path)}
     assert rows["2"]["status"] == "complete" and float(rows["2"]["eval_loss"]) > 0
+    assert rows["2"]["eval_on"] == "training: 16 examples"
     assert rows["0"]["status"] == "failed" and "adapter.r=0" in rows["0"]["reason"]
     assert (tmp_path / "summary.png").is_file()
 
