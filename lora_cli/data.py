@@ -278,9 +278,19 @@ def to_messages(row: dict, cfg: DatasetConfig) -> list[dict]:
     else:
         messages = [{"role": "user", "content": str(row[cfg.prompt_column])},
                     {"role": "assistant", "content": str(row[cfg.completion_column])}]
+    if cfg.task_metric == "exact_match":
+        messages = [{**m, "content": label_reply(m["content"])} if m["role"] == "assistant" else m for m in messages]
     if cfg.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
     return messages
+
+
+def label_reply(text: str) -> str:
+    """A label dataset's reply as training teaches it: the label alone on its first line, as `lora eval` reads it
+    back (labels.first_line), and "\n" line ends. "card \r\nMore" would train the tokens of "card \r\n", a path
+    the label trie (built from "card") never offers `constrained` or `score`."""
+    first, newline, rest = text.replace("\r\n", "\n").strip().partition("\n")
+    return first.strip() + newline + rest
 
 
 def split_at_last_reply(messages: list[dict]) -> tuple[list[dict], str]:

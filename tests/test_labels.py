@@ -50,6 +50,11 @@ def test_label_tokens_are_what_training_taught_the_model_to_emit(tokenizer):
     conversations = [to_messages(rows[i], cfg) for i in range(0, 80, 8)]
     conversations.append([{"role": "user", "content": "Where is my card?"},
                           {"role": "assistant", "content": "card_arrival"}])  # Banking77 style: the label alone
+    # Data as files bring it: Windows line ends, a space after the label, a blank line before it. A label dataset's
+    # replies are trained as the label line eval reads back, not as "card_arrival \r\n" (a path no mode offers).
+    for reply in ("card_arrival\r\nIt is on its way.", "card_arrival \nIt is on its way.", "  \ncard_arrival"):
+        row = {"messages": [{"role": "user", "content": "Where is my card?"}, {"role": "assistant", "content": reply}]}
+        conversations.append(to_messages(row, cfg))
     labels = sorted({first_line(c[-1]["content"]) for c in conversations} | set(LABELS))
     trie = build_trie(tokenizer, labels)
     for messages in conversations:
