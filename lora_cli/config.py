@@ -33,6 +33,11 @@ MOMENT_CONVENTIONS = ("chain_rule", "own")
 LAUNCHERS = ("ddp", "fsdp", "fsdp_qlora", "deepspeed_zero2", "deepspeed_zero3")
 
 
+# Bounds far past any LoRA run, which keep step counts (and the dry-run's arithmetic over them) finite and quick.
+MAX_STEPS = 10**8
+MAX_EPOCHS = 10**4
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
@@ -41,6 +46,19 @@ def _require(ok: bool, message: str) -> None:
 def _is_plain_name(name: str) -> bool:
     """A single safe path component: it becomes part of a run dir's name."""
     return bool(re.fullmatch(r"[\w.-]+", name)) and name not in (".", "..")
+
+
+def _require_finite(group, prefix: str) -> None:
+    """Every float of a config group (and of the groups inside it) is a number: `trainer.lr=inf` would train to a
+    non-finite loss, and `merge.tolerance=inf` would pass any merge."""
+    import dataclasses
+
+    for item in dataclasses.fields(group):
+        value = getattr(group, item.name)
+        if dataclasses.is_dataclass(value):
+            _require_finite(value, f"{prefix}{item.name}.")
+        elif isinstance(value, float):
+            _require(math.isfinite(value), f"{prefix}{item.name}={value} must be a finite number")
 
 
 def _require_choice(value: str, key: str, options: tuple[str, ...]) -> None:
@@ -275,9 +293,10 @@ class TrainerConfig:
         _require(self.batch_size > 0, f"trainer.batch_size={self.batch_size} must be > 0")
         _require(self.eval_batch_size > 0, f"trainer.eval_batch_size={self.eval_batch_size} must be > 0")
         _require(self.grad_accum > 0, f"trainer.grad_accum={self.grad_accum} must be > 0")
-        _require(self.max_steps is None or self.max_steps > 0,
-                 f"trainer.max_steps={self.max_steps} must be > 0 (or null to train for trainer.epochs)")
-        _require(0 < self.epochs < math.inf, f"trainer.epochs={self.epochs} must be > 0 and finite")
+        _require(self.max_steps is None or 0 < self.max_steps <= MAX_STEPS,
+                 f"trainer.max_steps={self.max_steps} must be in 1..{MAX_STEPS:,} (or null to train for "
+                 "trainer.epochs)")
+        _require(0 < self.epochs <= MAX_EPOCHS, f"trainer.epochs={self.epochs} must be > 0 and <= {MAX_EPOCHS:,}")
         _require(self.weight_decay >= 0, f"trainer.weight_decay={self.weight_decay} must be >= 0")
         _require(0 <= self.seed < 2**32, f"trainer.seed={self.seed} must be in [0, 2**32)")
         _require(0 <= self.warmup_ratio < 1, f"trainer.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
@@ -396,8 +415,9 @@ class RunConfig:
     debug: bool = False  # show Python tracebacks for user errors
 
     def validate(self) -> RunConfig:
-        for group in (self.model, self.dataset, self.adapter, self.trainer, self.eval, self.generate, self.merge):
-            group.validate()
+        for name in ("model", "dataset", "adapter", "trainer", "eval", "generate", "merge"):
+            _require_finite(getattr(self, name), f"{name}.")
+            getattr(self, name).validate()
         plain_lora = self.adapter.name == "lora" and self.adapter.quantize is None and not self.adapter.use_dora
         _require(not self.trainer.compile or plain_lora,
                  f"trainer.compile=true is supported for plain LoRA (adapter=lora, no adapter.quantize, no "

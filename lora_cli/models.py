@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,11 @@ def _cached(name: str, build, source: dict) -> Path:
     workers) build it once and the others wait; into a temp folder renamed into place, so an interrupted
     conversion never looks complete."""
     target = cache_dir() / "models" / name
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot use the model cache {target.parent} ({exc.strerror}); point LORA_CLI_CACHE at a "
+                        "writable folder") from None
     if (target / SOURCE_FILE).is_file():
         return target
     with locked(target.with_name(f".{name}.lock")):
@@ -171,12 +177,31 @@ def _download(repo_id: str, revision: str | None) -> Path:
                         "check the id and the network, or pass a local folder as model.name_or_path") from None
 
 
+@contextmanager
+def reading(what: str, folder, cfg: ModelConfig):
+    """A model folder that transformers cannot read (no tokenizer files, a damaged cache entry, custom code) as one
+    line that names the folder and the fix, not a library traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:
+        text = str(exc)
+        if "trust_remote_code" in text and not cfg.trust_remote_code:
+            raise UserError(f"{folder} needs code from its repo to load its {what} (a custom architecture); set "
+                            "model.trust_remote_code=true only if you trust that code") from None
+        first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+        cached = cache_dir() in Path(folder).parents
+        fix = ("it is a lora-cli cache entry: delete that folder and the next run rebuilds it" if cached
+               else "check the folder (a complete model: config.json, *.safetensors, tokenizer files)")
+        raise UserError(f"cannot load the {what} from {folder}: {first[:200]}; {fix}") from None
+
+
 def load_tokenizer(checkpoint: Checkpoint, cfg: ModelConfig):
     """The checkpoint's tokenizer, with a pad token distinct from EOS where the vocabulary has one, so
     padding can never be mistaken for (or mask out) the end of a reply."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=cfg.trust_remote_code)
+    with reading("tokenizer", checkpoint.path, cfg):
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint.path, trust_remote_code=cfg.trust_remote_code)
     if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         spare = tokenizer.unk_token
         if spare is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
@@ -220,9 +245,10 @@ def load_model(checkpoint: Checkpoint, cfg: ModelConfig, tokenizer=None, quantiz
         kwargs = {"quantization_config": quantization_config(quantize, double_quant, device.type == "cuda",
                                                              quant_storage),
                   "device_map": {"": device}}
-    model = AutoModelForCausalLM.from_pretrained(
-        checkpoint.path, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
-        trust_remote_code=cfg.trust_remote_code, **kwargs)
+    with reading("model", checkpoint.path, cfg):
+        model = AutoModelForCausalLM.from_pretrained(
+            checkpoint.path, dtype=getattr(torch, cfg.dtype), use_safetensors=True,
+            trust_remote_code=cfg.trust_remote_code, **kwargs)
     if quantize:
         release_checkpoint_map(model)
         if device.type == "cpu":

@@ -70,6 +70,16 @@ def check_key(cfg, key: str) -> None:
         raise UserError(f"unknown config key {key!r}; {hint}(`lora train --help` lists every key)")
 
 
+def check_addable(cfg, key: str) -> None:
+    """`+KEY=VALUE` adds a key where the config has free-form entries (`+dataset.rename_columns.OLD=NEW`); under a
+    typed group every key already exists, so a `+` key there is a typo that would be dropped without a word."""
+    from omegaconf import DictConfig, OmegaConf
+
+    parent = OmegaConf.select(cfg, key.rsplit(".", 1)[0]) if "." in key else cfg
+    if isinstance(parent, DictConfig) and OmegaConf.get_type(parent) not in (dict, None):
+        check_key(cfg, key)
+
+
 def _key_exists(cfg, key: str) -> bool:
     from omegaconf import DictConfig
 
@@ -90,10 +100,10 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    _, overrides = split_argv(args)
+    flags, overrides = split_argv(args)
     parsed = parse(overrides)
     groups = group_options(configs_dir, recipes_dir)
-    group_choices, all_choices, key_overrides, sweeps = [], [], [], []
+    group_choices, all_choices, key_overrides, added, sweeps = [], [], [], [], []
     for override in parsed:
         key = override.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
@@ -106,8 +116,14 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
         if key in groups and override.package is None:
             check_group(key, values, groups[key])
             group_choices.append(first)
-        elif not override.is_add() and not override.is_delete():
+        elif override.is_add():
+            added.append(key)
+        elif not override.is_delete():
             key_overrides.append(key)
+    if sweeps and not {"-m", "--multirun"} & set(flags):
+        listed = next(o.input_line for o in parsed if len(_values(o)) > 1)
+        raise UserError(f"{listed} lists several values, which is a sweep: add -m for one run per value "
+                        "(lora train -m ...), or give one value")
     with initialize_config_dir(str(configs_dir), version_base="1.3"):
         try:
             skeleton = compose(config_name, overrides=group_choices)
@@ -115,6 +131,8 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
             raise UserError(f"invalid config: {one_line(exc)}") from None
         for key in key_overrides:
             check_key(skeleton, key)
+        for key in added:
+            check_addable(skeleton, key)
         try:
             for index, choice in sweeps:
                 compose(config_name, overrides=[*all_choices[:index], choice, *all_choices[index + 1:]])
@@ -125,6 +143,8 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
 
 def check_group(group: str, values: list[str], options: list[str]) -> None:
     for value in values:
+        if value == "null" and group != "recipe":  # every run needs a model, a dataset, an adapter, a trainer
+            raise UserError(f"{group}=null: every run needs one; pick one of: {', '.join(options)}")
         if value not in options and value != "null":
             near = difflib.get_close_matches(value, options, n=1)
             hint = f"did you mean {group}={near[0]}? " if near else ""

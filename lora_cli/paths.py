@@ -20,10 +20,10 @@ def shipped_dir(name: str) -> Path:
 
 def cache_dir() -> Path:
     """$LORA_CLI_CACHE, else $XDG_CACHE_HOME/lora-cli, else ~/.cache/lora-cli."""
-    if os.environ.get("LORA_CLI_CACHE"):
-        return Path(os.environ["LORA_CLI_CACHE"]).expanduser()
+    if os.environ.get("LORA_CLI_CACHE"):  # absolute: adapters record the cached base's path, to load from anywhere
+        return Path(os.environ["LORA_CLI_CACHE"]).expanduser().resolve()
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg).expanduser() / "lora-cli"
+    return Path(xdg).expanduser().resolve() / "lora-cli"
 
 
 def staging_dir(target: Path) -> Path:

@@ -13,7 +13,7 @@ from lora_cli import adapters, flops
 from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
-from lora_cli.models import load_tokenizer, resolve_checkpoint
+from lora_cli.models import load_tokenizer, reading, resolve_checkpoint
 from lora_cli.train import is_eval_step, mixed_precision, precision_name, predicted_labels, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -24,7 +24,8 @@ def meta_model(checkpoint, cfg: RunConfig):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=cfg.model.trust_remote_code)
+    with reading("config", checkpoint.path, cfg.model):
+        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=cfg.model.trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, cfg.model.dtype),
                                                 trust_remote_code=cfg.model.trust_remote_code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,3 +118,43 @@ def test_the_flop_count_is_torchs_count_of_a_training_step(layers):
         model(input_ids=tokens).logits.sum().backward()  # the head on every position: all 64 are "labelled"
     expected = flops.total(flops.sequence_work([64], labels=64, padded=64), flops.constants(model))
     assert 0.9 < counter.get_total_flops() / expected < 1.05
+
+
+def test_model_folders_and_caches_it_cannot_use_are_one_line_errors(tmp_path, monkeypatch, tokenizer):
+    """A folder without tokenizer files, one whose config needs its repo's code, a cache entry missing its weights,
+    a cache path that is a file: each says what and where in one line (each was a library traceback). A relative
+    cache path is made absolute, since adapters record the cached base's path."""
+    from conftest import TINY, lora
+    from test_cli import assert_one_line_error
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lora_cli.paths import cache_dir
+
+    no_tokenizer = tmp_path / "no_tokenizer"
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(no_tokenizer)
+    assert_one_line_error(lora("train", "--dry-run", "recipe=banking_support", "model=hf",
+                               f"model.name_or_path={no_tokenizer}"), "cannot load the tokenizer", str(no_tokenizer))
+    remote = tmp_path / "remote"
+    shutil.copytree(no_tokenizer, remote)
+    tokenizer.save_pretrained(remote)
+    config = json.loads((remote / "config.json").read_text())
+    (remote / "config.json").write_text(json.dumps({**config, "model_type": "custom_thing",
+                                                    "auto_map": {"AutoConfig": "configuration.CustomConfig"}}))
+    assert_one_line_error(lora("train", "--dry-run", "recipe=banking_support", "model=hf",
+                               f"model.name_or_path={remote}"), "model.trust_remote_code=true")
+
+    cache = tmp_path / "cache"
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'a'}",
+                env={"LORA_CLI_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    next(cache.glob("models/tiny-llama-*/model.safetensors")).unlink()
+    assert_one_line_error(lora("train", "recipe=banking_support", *TINY, f"hydra.run.dir={tmp_path / 'b'}",
+                               env={"LORA_CLI_CACHE": str(cache)}),
+                          "cannot load the model", "lora-cli cache entry: delete that folder")
+    (tmp_path / "afile").write_text("")
+    assert_one_line_error(lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama",
+                               env={"LORA_CLI_CACHE": str(tmp_path / "afile")}), "LORA_CLI_CACHE")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_CLI_CACHE", "relative")
+    assert cache_dir() == tmp_path.resolve() / "relative"
