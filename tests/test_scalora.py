@@ -12,6 +12,7 @@ import dataclasses
 import pytest
 import torch
 from conftest import compose_run
+from safetensors.torch import load_file
 
 from lora_cli.adapters.lora import Lora
 from lora_cli.adapters.scalora import (
@@ -412,6 +413,15 @@ def test_svd_export_reports_its_error(trained, pristine, batch, tmp_path):
     assert (logits(exported, batch) - logits(model, batch)).abs().max() <= 1e-4
     low = export_lowrank_adapter(model, pristine.state_dict(), rank=1, out_dir=tmp_path / "low")
     assert all(0 < error < 1 for error in low.values())
+    # The reported error is that of the saved fp32 factors, not of the fp64 ones they were rounded from.
+    saved = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    pristine_weights = pristine.state_dict()
+    for key, layer in adapted_layers(model).items():
+        module = "base_model.model." + key.removesuffix(".weight")
+        B, A = saved[f"{module}.lora_B.weight"].double(), saved[f"{module}.lora_A.weight"].double()
+        update = total_update(layer, pristine_weights[key])
+        saved_error = float(torch.linalg.matrix_norm(update - B @ A) / torch.linalg.matrix_norm(update))
+        assert full[key] == pytest.approx(saved_error, rel=1e-6, abs=1e-12) and full[key] > 1e-12
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -300,11 +300,13 @@ def hold_in_fp32(linear) -> bool:
 # Export: a stock peft LoRA of rank R from each module's total update (spec "Artifacts", item 3)
 # ---------------------------------------------------------------------------------------------------------
 
-def svd_export(delta, rank: int):
+def svd_export(delta, rank: int, dtype=None):
     """(B, A, rel_error): the best rank-`rank` factorisation of `delta` (m x n) in Frobenius norm, in peft's
-    shapes for alpha = rank (scaling 1): B = U_R S_R (m x R), A = V_R^T (R x n), by truncated SVD in fp64.
-    When rank exceeds min(m, n) the extra columns / rows are zero (the export is then exact). rel_error is
-    ||delta - B A||_F / ||delta||_F measured with the returned factors (0 for a zero delta)."""
+    shapes for alpha = rank (scaling 1): B = U_R S_R (m x R), A = V_R^T (R x n), by truncated SVD in fp64, then
+    rounded to `dtype` (default: delta's), the precision the factors are saved in. When rank exceeds min(m, n)
+    the extra columns / rows are zero (the export is then exact up to that rounding). rel_error is
+    ||delta - B A||_F / ||delta||_F measured with the returned, rounded factors (0 for a zero delta), so it is
+    the error of what a user loads."""
     import torch
 
     d = delta.detach().double()
@@ -313,7 +315,7 @@ def svd_export(delta, rank: int):
     B = torch.zeros(d.shape[0], rank, dtype=d.dtype, device=d.device)
     A = torch.zeros(rank, d.shape[1], dtype=d.dtype, device=d.device)
     B[:, :k], A[:k] = U[:, :k] * S[:k], Vh[:k]
-    B, A = B.to(delta.dtype), A.to(delta.dtype)
+    B, A = B.to(dtype or delta.dtype), A.to(dtype or delta.dtype)
     norm = float(torch.linalg.matrix_norm(d))
     error = float(torch.linalg.matrix_norm(d - B.double() @ A.double())) / norm if norm > 0 else 0.0
     return B, A, error
@@ -336,6 +338,7 @@ def export_lowrank_adapter(model, pristine: Mapping, rank: int, out_dir: Path) -
     model: the trained PeftModel (mutated base weights in place, e.g. via `runs.apply_base_weights`, adapter loaded).
     pristine: the original base weights by state-dict key (e.g. `pristine_model.state_dict()`, or only the
     adapted keys): loaded on the pristine base, the export replaces base + base_weights + adapter."""
+    import torch
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -344,10 +347,10 @@ def export_lowrank_adapter(model, pristine: Mapping, rank: int, out_dir: Path) -
     for key, layer in adapted_layers(model).items():
         if key not in pristine:
             raise UserError(f"the pristine base has no {key}; pass the base the run was trained on")
-        B, A, errors[key] = svd_export(total_update(layer, pristine[key]), rank)
+        B, A, errors[key] = svd_export(total_update(layer, pristine[key]), rank, dtype=torch.float32)
         module = "base_model.model." + key.removesuffix(".weight")
-        tensors[f"{module}.lora_A.weight"] = A.float().cpu().contiguous()
-        tensors[f"{module}.lora_B.weight"] = B.float().cpu().contiguous()
+        tensors[f"{module}.lora_A.weight"] = A.cpu().contiguous()
+        tensors[f"{module}.lora_B.weight"] = B.cpu().contiguous()
     config = copy.deepcopy(model.peft_config[adapter_name(next(iter(adapted_layers(model).values())))])
     config.r, config.lora_alpha, config.use_rslora = rank, rank, False
     config.rank_pattern, config.alpha_pattern, config.inference_mode = {}, {}, True
