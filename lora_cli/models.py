@@ -9,6 +9,7 @@ Every source ends as a plain transformers folder on this machine, so the adapter
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import json
@@ -89,6 +90,8 @@ def _cached(name: str, build, source: dict) -> Path:
     with locked(target.with_name(f".{name}.lock")):
         if (target / SOURCE_FILE).is_file():  # built by the process we waited for
             return target
+        for leftover in target.parent.glob(f".{glob.escape(name)}.partial-*"):  # of a killed build: we hold its lock
+            shutil.rmtree(leftover, ignore_errors=True)
         tmp = staging_dir(target)
         try:
             build(tmp)

@@ -123,7 +123,8 @@ def test_the_flop_count_is_torchs_count_of_a_training_step(layers):
 def test_model_folders_and_caches_it_cannot_use_are_one_line_errors(tmp_path, monkeypatch, tokenizer):
     """A folder without tokenizer files, one whose config needs its repo's code, a cache entry missing its weights,
     a cache path that is a file: each says what and where in one line (each was a library traceback). A relative
-    cache path is made absolute, since adapters record the cached base's path."""
+    cache path is made absolute, since adapters record the cached base's path. A staging folder left by a killed build
+    is removed by the next build (it holds a whole model)."""
     from conftest import TINY, lora
     from test_cli import assert_one_line_error
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -152,6 +153,15 @@ def test_model_folders_and_caches_it_cannot_use_are_one_line_errors(tmp_path, mo
     assert_one_line_error(lora("train", "recipe=banking_support", *TINY, f"hydra.run.dir={tmp_path / 'b'}",
                                env={"LORA_CLI_CACHE": str(cache)}),
                           "cannot load the model", "lora-cli cache entry: delete that folder")
+    entry = next(cache.glob("models/tiny-llama-*"))
+    shutil.rmtree(entry)  # as the message says; a build killed earlier left its staging folder behind
+    leftover = entry.with_name(f".{entry.name}.partial-killed")
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(bytes(4096))
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=1", f"hydra.run.dir={tmp_path / 'c'}",
+                env={"LORA_CLI_CACHE": str(cache)})
+    assert proc.returncode == 0, proc.stderr
+    assert (entry / "model.safetensors").is_file() and not leftover.exists()
     (tmp_path / "afile").write_text("")
     assert_one_line_error(lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama",
                                env={"LORA_CLI_CACHE": str(tmp_path / "afile")}), "LORA_CLI_CACHE")
