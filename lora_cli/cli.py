@@ -127,10 +127,13 @@ def given(args: list[str], key: str) -> str | None:
 
 
 def given_run_dir(args: list[str], configs: Path, recipes: Path) -> str | None:
-    """hydra.run.dir as given, resolved as Hydra will where it interpolates (e.g. 'runs/r${adapter.r}')."""
+    """hydra.run.dir as given, resolved as Hydra will where it interpolates (e.g. 'runs/r${adapter.r}'); given
+    empty, it is the working folder, as for Hydra."""
     from lora_cli import overrides
 
     run_dir = given(args, "hydra.run.dir")
+    if run_dir is not None and not run_dir.strip():
+        return "."
     return overrides.run_dir(configs, recipes, args) if run_dir and "${" in run_dir else run_dir
 
 
