@@ -44,7 +44,8 @@ def sha256_file(path: Path) -> str:
 
 
 def sha256_weights(folder: Path) -> str:
-    """One hash over every safetensors file of a model folder, in name order."""
+    """One fingerprint for a base of any number of shards: sha256 over each safetensors file's name and hex sha256,
+    in name order (the README says so, for users who check it by hand)."""
     digest = hashlib.sha256()
     for file in sorted(folder.glob("*.safetensors")):
         digest.update(file.name.encode())
