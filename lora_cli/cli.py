@@ -202,6 +202,7 @@ def train_job(cfg) -> str | None:
         cfg.trainer.num_processes = world
         from_scratch = [*(o for o in from_scratch if not o.startswith("trainer.num_processes=")),
                         f"trainer.num_processes={world}"]
+    from_scratch = with_absolute_path_overrides(from_scratch, cfg)
     command = shlex.join(["lora", "train", *from_scratch])
     record = {"overrides": list(hydra_cfg.overrides.task), "variant": cfg.adapter.name, "r": cfg.adapter.r,
               "alpha": cfg.adapter.alpha}
@@ -253,6 +254,27 @@ def train_job(cfg) -> str | None:
             if not in_sweep:
                 sys.exit(code)
     return None
+
+
+def with_absolute_path_overrides(overrides: list[str], cfg) -> list[str]:
+    """The overrides with local paths (data, model folder, launcher file) as config.yaml keeps them, absolute, so
+    that the commands a run prints (the card's Reproduce, "continue with") work from any folder: a relative
+    dataset.path in the continue command was refused as a config change when pasted elsewhere."""
+    from lora_cli.config import to_run_config, with_absolute_paths
+
+    try:
+        run = with_absolute_paths(to_run_config(cfg))
+    except UserError:  # an invalid config: the job reports it, with the command as typed
+        return overrides
+    absolute = {"dataset.path": run.dataset.path, "model.name_or_path": run.model.name_or_path,
+                "trainer.launcher": run.trainer.launcher}
+
+    def pinned(override: str) -> str:
+        key, _, value = override.partition("=")
+        path = absolute.get(key.lstrip("+"))
+        return f"{key}={path}" if path is not None and "=" in override and path != value else override
+
+    return [pinned(o) for o in overrides]
 
 
 def evaluate_at_end(run_dir: Path, cfg) -> tuple[str, int] | None:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shlex
 
 import pytest
 import torch
 from conftest import BANKING77, TINY, compose_run, lora, read_metrics
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 
 def test_run_dir_has_every_artifact(tiny_run):
@@ -90,6 +92,28 @@ def test_model_card_says_how_to_reproduce_and_load(tiny_run):
     card = (run_dir / "README.md").read_text()
     assert "lora train recipe=banking_support model=tiny_llama" in card
     assert "PeftModel.from_pretrained" in card and "tiny-llama" in card
+
+
+def test_the_cards_reproduce_command_runs_from_any_folder(tmp_path):
+    """A relative dataset.path is printed absolute, as config.yaml keeps it: pasted in another folder, the command
+    as typed named no data (and the "continue with" command was refused there as a config change)."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "data").mkdir(parents=True)
+    elsewhere.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus one?"},
+                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(24)]
+    (project / "data" / "sums.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["model=tiny_llama", "dataset=jsonl", "dataset.path=data/sums.jsonl", "trainer.max_steps=2"]
+    first = lora("train", *args, f"hydra.run.dir={tmp_path / 'first'}", cwd=project)
+    assert first.returncode == 0, first.stderr
+    card = (tmp_path / "first" / "README.md").read_text()
+    command = next(line for line in card.splitlines() if line.startswith("lora train "))
+    assert f"dataset.path={project / 'data' / 'sums.jsonl'}" in command
+    program, subcommand, *again = shlex.split(command)
+    second = lora(subcommand, *again, f"hydra.run.dir={tmp_path / 'second'}", cwd=elsewhere)
+    assert second.returncode == 0, second.stderr
+    weights = [load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("first", "second")]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 def test_stock_peft_reloads_the_trained_model_exactly(tmp_path):
