@@ -379,5 +379,6 @@ def run_on_finished_run(command: str, args: list[str]) -> int:
     else:
         from lora_cli.merge import merge_run
 
-        merge_run(run_dir, Path(named["output"]).expanduser(), cfg, shlex.join(["lora", command, *args]))
+        output = Path(os.path.abspath(Path(named["output"]).expanduser()))  # staged beside it: `.` has no parent
+        merge_run(run_dir, output, cfg, shlex.join(["lora", command, *args]))
     return 0

@@ -30,6 +30,10 @@ def check_output(out_dir: Path, run_dir: Path, overwrite: bool) -> None:
     if out_dir.resolve() in (run_dir.resolve(), *run_dir.resolve().parents):
         raise UserError(f"output={out_dir} holds the run being merged ({run_dir}) and would be replaced; choose a "
                         "folder outside it")
+    here = Path.cwd().resolve()
+    if out_dir.resolve() in (here, *here.parents):  # `output=.` in an earlier merge's folder: it was emptied
+        raise UserError(f"output={out_dir} is the folder this command runs in (or holds it), and a merge replaces its "
+                        "output as a whole; run from another folder or choose another output")
     if out_dir.is_symlink():
         raise UserError(f"output={out_dir} is a symbolic link, and a merge replaces its output as a whole; pass the "
                         f"folder it points to ({out_dir.resolve()}) or a new one")

@@ -34,16 +34,19 @@ def staging_dir(target: Path) -> Path:
 
 def publish(staging: Path, target: Path) -> None:
     """Give a finished staging folder normal permissions (mkdtemp and safetensors make them private) and
-    rename it into place, replacing whatever `target` held."""
+    rename it into place, replacing whatever `target` held. The old content is moved aside before and deleted
+    after, so a process killed in between leaves it whole beside the target (`.NAME.old-*`), never half-deleted."""
     umask = os.umask(0)
     os.umask(umask)
     for path in [staging, *staging.rglob("*")]:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-    if target.is_dir():
-        shutil.rmtree(target)
-    elif target.exists():
-        target.unlink()
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent)) / target.name
+        os.rename(target, old)
     os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old.parent)
 
 
 @contextmanager

@@ -13,6 +13,7 @@ from conftest import BANKING77, TINY, compose_run, lora
 from test_cli import assert_one_line_error
 
 from lora_cli.evaluate import score, token_f1
+from lora_cli.merge import MERGE_RECORD
 
 EVAL_FAST = ["eval.max_samples=12", "eval.max_new_tokens=6", "eval.show_samples=2"]
 
@@ -181,6 +182,13 @@ def test_merge_refuses_what_it_cannot_do_cleanly(tiny_run, tmp_path):
         assert_one_line_error(lora("merge", f"run={run_dir}", f"output={holder}", "merge.overwrite=true"),
                               "holds the run being merged")
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    earlier = tmp_path / "earlier_merge"  # `output=.` from inside an earlier merge's output emptied it
+    earlier.mkdir()
+    (earlier / MERGE_RECORD).write_text("{}")
+    for output in (".", ".."):
+        assert_one_line_error(lora("merge", f"run={run_dir}", f"output={output}", "merge.overwrite=true", cwd=earlier),
+                              "the folder this command runs in")
+    assert [p.name for p in earlier.iterdir()] == [MERGE_RECORD]
 
     no_adapter = tmp_path / "no_adapter"
     shutil.copytree(run_dir, no_adapter, ignore=shutil.ignore_patterns("adapter"))
