@@ -57,11 +57,31 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found)
 
 
-# What a lora run leaves in its folder once it starts: metrics, checkpoints, run.json. Not Hydra's record (.hydra):
-# Hydra writes it into a sweep's job folder before the job can check that folder, so it proves nothing, and a
-# folder holding only it is as good as empty.
-RUN_MARKERS = ("metrics.jsonl", FOLDER, RUN_RECORD)
+# Hydra's record of a job: Hydra writes it into a sweep's job folder before the job can check that folder, so it
+# proves nothing, and a folder holding only it is as good as empty.
 HYDRA_RECORD = ".hydra"
+
+
+def written_by_a_run(run_dir: Path) -> bool:
+    """Whether a lora run has been in this folder: a checkpoint with its state, a run record with lora's fields, or
+    metrics in lora's shape (empty until the first record). Names alone prove nothing: a user's folder may hold a
+    `checkpoints/` or a `metrics.jsonl` of its own, and its README.md would be overwritten."""
+    if complete_checkpoints(run_dir):
+        return True
+    if {"status", "overrides"} <= _json_object(run_dir / RUN_RECORD, whole=True).keys():
+        return True
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.is_file() and (metrics.stat().st_size == 0 or "step" in _json_object(metrics, whole=False))
+
+
+def _json_object(path: Path, whole: bool) -> dict:
+    """The JSON object in a file (or on its first line), {} where there is none."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.loads(f.read() if whole else f.readline())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def check_run_dir(run_dir: Path, resume: str | None) -> None:
@@ -70,7 +90,7 @@ def check_run_dir(run_dir: Path, resume: str | None) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"hydra.run.dir={run_dir} is a file, not a folder; pick a new or empty folder")
     found = sorted(p.name for p in run_dir.iterdir() if p.name != HYDRA_RECORD) if run_dir.is_dir() else []
-    if found and not any((run_dir / name).exists() for name in RUN_MARKERS):
+    if found and not written_by_a_run(run_dir):
         raise UserError(f"hydra.run.dir={run_dir} holds files that no lora run wrote ({', '.join(found[:3])}"
                         f"{', ...' if len(found) > 3 else ''}) and a run would write README.md, config.yaml and more "
                         "there; pick a new or empty folder")

@@ -53,8 +53,17 @@ def make_unreadable_file(tmp: Path, run_dir: Path, request) -> None:
     request.addfinalizer(lambda: path.chmod(0o644))  # so pytest can clean the temp folder
 
 
+def make_user_folder(tmp: Path, run_dir: Path, request) -> None:
+    """A user's project folder whose names a lora run also uses: a README.md that a run would overwrite, beside
+    a `checkpoints/` folder, a metrics.jsonl and a run.json of the user's own."""
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "README.md").write_text("my project\n")
+    (run_dir / "metrics.jsonl").write_text("accuracy,0.9\n")
+    (run_dir / "run.json").write_text('{"experiment": 3}')
+
+
 SETUPS = {"finished_run": copy_finished_run, "unfinished_run": copy_unfinished_run,
-          "unreadable_file": make_unreadable_file}
+          "unreadable_file": make_unreadable_file, "user_folder": make_user_folder}
 
 
 def command(case: dict, tmp: Path, run_dir: Path, request) -> list[str]:
