@@ -142,6 +142,7 @@ def preflight(run, run_dir: str | None) -> None:
     the checkpoint to resume from, the data files and their rows."""
     from lora_cli.artifacts import config_yaml
     from lora_cli.checkpoint import check_run_dir, check_same_run, resolve_resume
+    from lora_cli.config import with_absolute_paths
     from lora_cli.data import load_train_eval
     from lora_cli.launched import check_launcher
     from lora_cli.report import quiet_libraries
@@ -153,7 +154,7 @@ def preflight(run, run_dir: str | None) -> None:
         raise UserError("resume=auto continues the run in hydra.run.dir; add hydra.run.dir=RUN_DIR")
     resume_from = resolve_resume(run.resume, Path(run_dir or "."))
     if resume_from:
-        check_same_run(resume_from, config_yaml(run))
+        check_same_run(resume_from, config_yaml(with_absolute_paths(run)))  # as the checkpoint keeps it
     quiet_libraries()
     load_train_eval(run.dataset)
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import platform
 import shlex
+import shutil
 
 import pytest
 import torch
@@ -94,6 +95,14 @@ def test_model_card_says_how_to_reproduce_and_load(tiny_run):
     assert "PeftModel.from_pretrained" in card and "tiny-llama" in card
 
 
+def write_sums(path) -> None:
+    """A small chat dataset of the user's, in a project folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"messages": [{"role": "user", "content": f"what is {i} plus one?"},
+                          {"role": "assistant", "content": f"{i + 1}"}]} for i in range(24)]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
 def test_the_cards_reproduce_command_runs_from_any_folder(tmp_path):
     """A relative dataset.path is printed absolute, as config.yaml keeps it: pasted in another folder, the command
     as typed named no data (and the "continue with" command was refused there as a config change)."""
@@ -114,6 +123,21 @@ def test_the_cards_reproduce_command_runs_from_any_folder(tmp_path):
     assert second.returncode == 0, second.stderr
     weights = [load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("first", "second")]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_a_run_on_a_relative_data_path_resumes_as_typed(tmp_path):
+    """The checkpoint keeps dataset.path absolute; the same relative path, from the same folder, is the same run
+    (it was refused as a config change)."""
+    project = tmp_path / "project"
+    write_sums(project / "data" / "sums.jsonl")
+    args = ["model=tiny_llama", "dataset=jsonl", "dataset.path=data/sums.jsonl", "trainer.max_steps=4",
+            "trainer.save_every=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert lora("train", *args, cwd=project).returncode == 0
+    shutil.rmtree(tmp_path / "run" / "adapter")  # as if stopped after the step-2 checkpoint
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-000004", ignore_errors=True)
+    resumed = lora("train", *args, "resume=auto", cwd=project)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr
 
 
 def test_stock_peft_reloads_the_trained_model_exactly(tmp_path):
