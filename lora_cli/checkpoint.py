@@ -52,9 +52,11 @@ def step_dir(run_dir: Path, step: int) -> Path:
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoints with their state written, oldest first: by step number, since past step 999,999 the
+    names outgrow their zero padding and sort wrongly as text."""
     folder = run_dir / FOLDER
     found = [p for p in folder.glob("step-*") if (p / STATE).is_file()] if folder.is_dir() else []
-    return sorted(found)
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")) if p.name[5:].isdigit() else -1)
 
 
 # Hydra's record of a job: Hydra writes it into a sweep's job folder before the job can check that folder, so it

@@ -199,3 +199,14 @@ def test_skip_drops_non_finite_steps_and_trains_on(tmp_path, monkeypatch):
     assert [r.get("skipped") for r in records] == [None, None, "non-finite", None, None]
     lora_b = load_file(tmp_path / "adapter/adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in lora_b.values())
+
+
+def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
+    """resume=auto takes the newest and pruning drops the oldest: 'step-1000000' sorts before 'step-999999' as
+    text, which would have resumed an older state and pruned the newest."""
+    from lora_cli.checkpoint import STATE, complete_checkpoints, step_dir
+
+    for step in (999_999, 1_000_000, 20):
+        step_dir(tmp_path, step).mkdir(parents=True)
+        (step_dir(tmp_path, step) / STATE).write_text("{}")
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000020", "step-999999", "step-1000000"]
