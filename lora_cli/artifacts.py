@@ -14,7 +14,7 @@ from pathlib import Path
 from lora_cli import __version__
 from lora_cli.config import RunConfig
 from lora_cli.models import Checkpoint
-from lora_cli.paths import publish, staging_dir
+from lora_cli.paths import full_disk_as_error, publish, staging_dir
 
 # Base weights a variant changed during training (ScaLoRA merges into them), keyed as in the base checkpoint;
 # written beside the adapter so pristine base + these + the adapter reproduce the trained model exactly.
@@ -69,20 +69,22 @@ def save_adapter(variant, model, tokenizer, out_dir: Path, metadata: dict[str, s
 
     partial = staging_dir(out_dir)
     try:
-        if state_dict is None:
-            variant.save(model, partial)
-        else:
-            check_adapter_tensors(state_dict)
-            model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
-        (partial / "README.md").unlink(missing_ok=True)  # peft's empty template; the run's README is the card
-        tokenizer.save_pretrained(partial)
-        weights = partial / "adapter_model.safetensors"
-        with safe_open(weights, "pt") as f:
-            header = f.metadata() or {}
-        tensors = load_file(weights)
-        check_adapter_tensors(tensors)
-        save_file(tensors, weights, metadata={**header, **metadata})
-        publish(partial, out_dir)
+        with full_disk_as_error(f"the adapter to {out_dir}", "free space, then resume=auto continues from the "
+                                "newest checkpoint (trainer.save_every keeps them), or run again"):
+            if state_dict is None:
+                variant.save(model, partial)
+            else:
+                check_adapter_tensors(state_dict)
+                model.save_pretrained(partial, safe_serialization=True, state_dict=state_dict)
+            (partial / "README.md").unlink(missing_ok=True)  # peft's empty template; the run's README is the card
+            tokenizer.save_pretrained(partial)
+            weights = partial / "adapter_model.safetensors"
+            with safe_open(weights, "pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(weights)
+            check_adapter_tensors(tensors)
+            save_file(tensors, weights, metadata={**header, **metadata})
+            publish(partial, out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
 

@@ -15,7 +15,6 @@ It is written into a temp folder, fsync'ed and renamed into place, so a folder n
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_cli.errors import UserError
-from lora_cli.paths import publish, staging_dir
+from lora_cli.paths import full_disk_as_error, publish, staging_dir
 from lora_cli.sweep import RUN_RECORD
 
 FOLDER = "checkpoints"
@@ -159,23 +158,20 @@ def save(path: Path, model, variant, optimizer, scheduler, state: TrainState, re
 
     tmp = staging_dir(path)
     try:
-        save_file(_model_tensors(model, variant), tmp / "model.safetensors")
-        optimizer_tensors, optimizer_json = _split_optimizer(optimizer.state_dict())
-        save_file(optimizer_tensors, tmp / "optimizer.safetensors")
-        save_file({f"{rank}.{k}": v for rank, r in enumerate(rng) for k, v in r["torch"].items()},
-                  tmp / "rng.safetensors")
-        (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (tmp / "config.yaml").write_text(config_yaml)
-        state_json = {"state": asdict(state), "optimizer": optimizer_json, "scheduler": scheduler.state_dict(),
-                      "rng": [r["python"] for r in rng]}
-        (tmp / STATE).write_text(json.dumps(state_json))
-        _fsync_tree(tmp)
-        publish(tmp, path)
-    except OSError as exc:
-        if exc.errno == errno.ENOSPC:
-            raise UserError(f"out of disk space while saving checkpoint {path}; free space and resume from the "
-                            "previous checkpoint with resume=auto") from None
-        raise
+        with full_disk_as_error(f"checkpoint {path}", "free space and resume from the previous checkpoint with "
+                                "resume=auto"):
+            save_file(_model_tensors(model, variant), tmp / "model.safetensors")
+            optimizer_tensors, optimizer_json = _split_optimizer(optimizer.state_dict())
+            save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+            save_file({f"{rank}.{k}": v for rank, r in enumerate(rng) for k, v in r["torch"].items()},
+                      tmp / "rng.safetensors")
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (tmp / "config.yaml").write_text(config_yaml)
+            state_json = {"state": asdict(state), "optimizer": optimizer_json, "scheduler": scheduler.state_dict(),
+                          "rng": [r["python"] for r in rng]}
+            (tmp / STATE).write_text(json.dumps(state_json))
+            _fsync_tree(tmp)
+            publish(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in complete_checkpoints(path.parent.parent)[:-keep]:

@@ -17,7 +17,7 @@ from lora_cli import __version__
 from lora_cli.config import RunConfig
 from lora_cli.data import collate, load_train_eval, sample, to_messages, tokenize_nonempty
 from lora_cli.errors import UserError
-from lora_cli.paths import publish, staging_dir
+from lora_cli.paths import full_disk_as_error, publish, staging_dir
 from lora_cli.report import merge_table
 from lora_cli.runs import load_adapted
 
@@ -107,34 +107,35 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
     probes = probe_batch(cfg, adapted.tokenizer)
     reference = logits(adapted.model, probes)
     quantization_diff = quantized_distance(run_dir, cfg, probes, reference) if cfg.adapter.quantize else None
-    tmp = staging_dir(out_dir)
-    try:
-        export = export_lowrank(adapted, cfg, probes, reference, tmp / f"lora-r{cfg.merge.export_rank}") \
-            if cfg.merge.export_rank else None
-        merged = adapted.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse non-finite weights
-        merge_diff = (logits(merged, probes) - reference).abs().max().item()
-        merged.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, max_shard_size=cfg.merge.max_shard_size)
-        adapted.tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
-        saved_diff = (logits(reloaded, probes) - reference).abs().max().item()
-        # The merge itself must be exact in fp32; a lower storage dtype adds rounding, reported, not failed.
-        checked = saved_diff if cfg.merge.dtype == "float32" else merge_diff
-        scale = reference.abs().max().item()
-        allowed = cfg.merge.tolerance * scale
-        if not checked <= allowed:
-            raise UserError(f"parity check failed: merged logits differ from base + adapter by {checked:.3g}, "
-                            f"{checked / scale:.2g} of the largest logit ({scale:.3g}; merge.tolerance="
-                            f"{cfg.merge.tolerance:g}); nothing was written to {out_dir}")
-        result = {"run_dir": str(run_dir), "output": str(out_dir), "dtype": cfg.merge.dtype,
-                  "probes": int(probes["input_ids"].shape[0]), "merge_max_abs_diff": merge_diff,
-                  "saved_max_abs_diff": saved_diff, "max_abs_logit": scale, "tolerance": cfg.merge.tolerance,
-                  "allowed_max_abs_diff": allowed,
-                  "parity": "pass", "parameters": sum(p.numel() for p in reloaded.parameters()),
-                  "quantized_max_abs_diff": quantization_diff, "lowrank_export": export}
-        write_card(tmp, run_dir, adapted, cfg, result, command)
-        publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with full_disk_as_error(f"the merged checkpoint {out_dir}", "free space and merge again"):
+        tmp = staging_dir(out_dir)
+        try:
+            export = export_lowrank(adapted, cfg, probes, reference, tmp / f"lora-r{cfg.merge.export_rank}") \
+                if cfg.merge.export_rank else None
+            merged = adapted.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse non-finite weights
+            merge_diff = (logits(merged, probes) - reference).abs().max().item()
+            merged.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, max_shard_size=cfg.merge.max_shard_size)
+            adapted.tokenizer.save_pretrained(tmp)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
+            saved_diff = (logits(reloaded, probes) - reference).abs().max().item()
+            # The merge itself must be exact in fp32; a lower storage dtype adds rounding, reported, not failed.
+            checked = saved_diff if cfg.merge.dtype == "float32" else merge_diff
+            scale = reference.abs().max().item()
+            allowed = cfg.merge.tolerance * scale
+            if not checked <= allowed:
+                raise UserError(f"parity check failed: merged logits differ from base + adapter by {checked:.3g}, "
+                                f"{checked / scale:.2g} of the largest logit ({scale:.3g}; merge.tolerance="
+                                f"{cfg.merge.tolerance:g}); nothing was written to {out_dir}")
+            result = {"run_dir": str(run_dir), "output": str(out_dir), "dtype": cfg.merge.dtype,
+                      "probes": int(probes["input_ids"].shape[0]), "merge_max_abs_diff": merge_diff,
+                      "saved_max_abs_diff": saved_diff, "max_abs_logit": scale, "tolerance": cfg.merge.tolerance,
+                      "allowed_max_abs_diff": allowed,
+                      "parity": "pass", "parameters": sum(p.numel() for p in reloaded.parameters()),
+                      "quantized_max_abs_diff": quantization_diff, "lowrank_export": export}
+            write_card(tmp, run_dir, adapted, cfg, result, command)
+            publish(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     merge_table(result)
     return result
 

@@ -1,5 +1,6 @@
 """Where shipped files and the user cache live, in a checkout and in an installed wheel alike."""
 
+import errno
 import fcntl
 import os
 import shutil
@@ -47,6 +48,20 @@ def publish(staging: Path, target: Path) -> None:
     os.replace(staging, target)
     if old is not None:
         shutil.rmtree(old.parent)
+
+
+@contextmanager
+def full_disk_as_error(what: str, then: str):
+    """Running out of disk space while writing `what` as one line saying what to do: safetensors reports it as
+    its own error type (SafetensorError, "os error 28"), not as an OSError."""
+    from lora_cli.errors import UserError
+
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "errno", None) == errno.ENOSPC or "os error 28" in str(exc) or "No space left" in str(exc):
+            raise UserError(f"out of disk space while writing {what}; {then}") from None
+        raise
 
 
 @contextmanager

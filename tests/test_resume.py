@@ -210,3 +210,39 @@ def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
         step_dir(tmp_path, step).mkdir(parents=True)
         (step_dir(tmp_path, step) / STATE).write_text("{}")
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step-000020", "step-999999", "step-1000000"]
+
+
+def assert_ends_in_one_line(proc, *needles: str) -> None:
+    """A run that trained a while and then failed: its progress, then one error line (exit 2, no traceback)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("lora: error: ") and all(n in last for n in needles), last
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_freed(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error, not an OSError: a checkpoint or the final adapter that
+    does not fit ended in a traceback. Now one line, the earlier checkpoints intact, and resume=auto finishes."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real_save = safetensors.torch.save_file
+    full = {"step-000004", ".adapter.partial-"}
+
+    def save_file(tensors, filename, metadata=None):
+        if any(name in str(filename) for name in full):
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", save_file)
+    args = [*RESUMABLE, "trainer.max_steps=6", "trainer.save_every=2", f"hydra.run.dir={tmp_path / 'run'}"]
+    assert_ends_in_one_line(lora("train", "recipe=banking_support", *args),
+                            "out of disk space while writing checkpoint", "resume=auto")
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step-000002"]
+    full.discard("step-000004")
+    assert_ends_in_one_line(lora("train", "recipe=banking_support", *args, "resume=auto"),
+                            "out of disk space while writing the adapter", "resume=auto")
+    assert not (tmp_path / "run" / "adapter").exists()
+    full.clear()
+    resumed = lora("train", "recipe=banking_support", *args, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
