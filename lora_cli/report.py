@@ -18,8 +18,9 @@ stdout = Console(highlight=False, quiet=_QUIET)
 
 
 @contextmanager
-def progress_bar(total: int, completed: int = 0, disable: bool = False):
-    """A rich bar showing step, loss, lr, tokens/s, latest eval loss and ETA."""
+def progress_bar(total: int, completed: int = 0, disable: bool = False, eval_loss: float = float("nan")):
+    """A rich bar showing step, loss, lr, tokens/s, latest eval loss (from the start: the step-0 eval's, or a
+    resumed run's last) and ETA."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     progress = Progress(
@@ -29,7 +30,7 @@ def progress_bar(total: int, completed: int = 0, disable: bool = False):
         TextColumn("ETA"), TimeRemainingColumn(),
         console=console, disable=disable)
     task = progress.add_task("train", total=total, completed=completed, loss=float("nan"), lr=0.0, tps=0.0,
-                             eval_loss=float("nan"))
+                             eval_loss=eval_loss)
     with progress:
         yield progress, task
 

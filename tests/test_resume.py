@@ -86,6 +86,7 @@ def test_ctrl_c_checkpoints_exits_130_and_says_how_to_resume(tmp_path):
     stderr = proc.stderr.read()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr
+    assert "eval nan" not in stderr and " eval 1" in stderr  # the step-0 eval shows before the first periodic one
     advice = stderr.splitlines()[-1].split("continue with: ")[1]
     assert advice.endswith(f"resume=auto hydra.run.dir={run_dir}")
     assert list((run_dir / "checkpoints").glob("step-*/state.json"))
