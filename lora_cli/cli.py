@@ -248,7 +248,9 @@ def train_job(cfg) -> str | None:
         return None
     finish("complete", result=result)  # trained: what follows only measures the saved adapter
     if cfg.trainer.eval_at_end and launched.rank() == 0:
-        unfinished = evaluate_at_end(run_dir, cfg)
+        unfinished = evaluate_at_end(run_dir, cfg) if not result["stopped_while_saving"] else (
+            f"stopped while the run's files were written (they are complete); the end-of-run evaluation did not "
+            f"start: run `lora eval run={run_dir}`", 130)
         if unfinished:  # the run stays complete; its record says the evaluation did not finish
             eval_error, code = unfinished
             finish("complete", eval_error, result=result, eval_error=eval_error)

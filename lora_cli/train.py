@@ -562,15 +562,20 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
         "truncated": train_split.truncated + eval_split.truncated,
         "dropped": train_split.dropped + eval_split.dropped,
     }
-    adapter_state = gathered_adapter_state(accelerator, model)  # every process takes part in the gather
-    if is_main:
-        metrics.close()
-        provenance = artifacts.provenance(base, data_fingerprint, cfg)
-        artifacts.write_config(run_dir, cfg)
-        artifacts.save_adapter(variant, peft_model, tokenizer, run_dir / "adapter", provenance, adapter_state)
-        artifacts.plot_loss(train_loss, eval_loss, run_dir / "loss.png")
-        variant.finish(peft_model, run_dir, metrics.records)
-        artifacts.write_model_card(run_dir, cfg, result, provenance, command)
-        print_summary(result)
+    # A stop while these files are written would leave an adapter without its card: neither a finished run nor one
+    # that resumes. The first Ctrl-C / SIGTERM waits for them (a second one stops at once).
+    finishing = StopRequest()
+    with finishing.installed():
+        adapter_state = gathered_adapter_state(accelerator, model)  # every process takes part in the gather
+        if is_main:
+            metrics.close()
+            provenance = artifacts.provenance(base, data_fingerprint, cfg)
+            artifacts.write_config(run_dir, cfg)
+            artifacts.save_adapter(variant, peft_model, tokenizer, run_dir / "adapter", provenance, adapter_state)
+            artifacts.plot_loss(train_loss, eval_loss, run_dir / "loss.png")
+            variant.finish(peft_model, run_dir, metrics.records)
+            artifacts.write_model_card(run_dir, cfg, result, provenance, command)
+            print_summary(result)
+    result["stopped_while_saving"] = finishing.requested
     accelerator.end_training()
     return result, peft_model

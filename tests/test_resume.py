@@ -130,6 +130,35 @@ def test_a_stop_in_the_end_of_run_eval_is_recorded_as_such(tmp_path, monkeypatch
     assert row(run_dir, tmp_path)["status"] == "complete"
 
 
+@pytest.mark.parametrize(("sig", "eval_at_end"), [(signal.SIGINT, True), (signal.SIGTERM, False)])
+def test_a_stop_while_the_run_writes_its_files_waits_for_them(tmp_path, monkeypatch, sig, eval_at_end):
+    """A Ctrl-C between the adapter and the card left a run that neither counted as finished nor resumed (the
+    folder held an adapter). The files are finished first; the end-of-run evaluation then does not start."""
+    import os
+
+    import lora_cli.artifacts
+
+    real_plot = lora_cli.artifacts.plot_loss
+
+    def stopped_while_plotting(*args, **kwargs):
+        os.kill(os.getpid(), sig)
+        return real_plot(*args, **kwargs)
+
+    monkeypatch.setattr(lora_cli.artifacts, "plot_loss", stopped_while_plotting)
+    run_dir = tmp_path / "run"
+    proc = lora("train", "recipe=banking_support", *TINY, f"trainer.eval_at_end={eval_at_end}",
+                f"hydra.run.dir={run_dir}")
+    assert "Traceback" not in proc.stderr
+    assert all((run_dir / name).is_file() for name in ("README.md", "loss.png", "adapter/adapter_model.safetensors"))
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "complete" and record["result"]["stopped_while_saving"]
+    if eval_at_end:
+        assert proc.returncode == 130 and "did not start" in proc.stderr.splitlines()[-1]
+        assert not (run_dir / "eval.json").exists() and "did not start" in record["eval_error"]
+    else:
+        assert proc.returncode == 0, proc.stderr
+
+
 def test_resume_refuses_another_config_and_non_checkpoints(tmp_path):
     run_dir = tmp_path / "run"
     killed = interrupt_after(RESUMABLE, run_dir, step=5, sig=signal.SIGKILL)
