@@ -110,12 +110,46 @@ def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
         return None
     if resume == "auto":
         existing = complete_checkpoints(run_dir)
-        return existing[-1] if existing else None
-    path = Path(resume).expanduser()
-    if not (path / STATE).is_file():
-        raise UserError(f"resume={resume} is not a lora-cli checkpoint (no {STATE} in it); pass a "
-                        f"RUN_DIR/{FOLDER}/step-NNNNNN folder, or resume=auto with hydra.run.dir=RUN_DIR")
+        path = existing[-1] if existing else None
+    else:
+        path = Path(resume).expanduser()
+        if not (path / STATE).is_file():
+            raise UserError(f"resume={resume} is not a lora-cli checkpoint (no {STATE} in it); pass a "
+                            f"RUN_DIR/{FOLDER}/step-NNNNNN folder, or resume=auto with hydra.run.dir=RUN_DIR")
+    if path is not None:
+        check_intact(path)
     return path
+
+
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors", "rng.safetensors", "metrics.jsonl",
+                    "config.yaml", STATE)
+
+
+def check_intact(path: Path) -> None:
+    """Every file a resume reads, readable, before anything is loaded: a checkpoint damaged after it was written
+    (a disk error, a file removed by hand) is named with the checkpoint to use instead, not met as a traceback."""
+    from omegaconf import OmegaConf
+    from safetensors import safe_open
+
+    for name in CHECKPOINT_FILES:
+        file = path / name
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(file, "pt"):
+                    pass
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+            elif file.suffix == ".jsonl":
+                [json.loads(line) for line in file.read_text().splitlines()]
+            else:
+                OmegaConf.create(file.read_text())
+        except Exception as exc:
+            siblings = [p.resolve() for p in complete_checkpoints(path.parent.parent)]
+            earlier = siblings[:siblings.index(path.resolve())] if path.resolve() in siblings else []
+            instead = f"resume from the one before with resume={earlier[-1]}" if earlier else \
+                "it is the run's only one: start a new run"
+            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            raise UserError(f"checkpoint {path} is damaged ({name}: {reason}); {instead}") from None
 
 
 def check_same_run(path: Path, config_yaml: str) -> None:

@@ -276,3 +276,29 @@ def test_a_full_disk_is_one_line_and_the_run_resumes_once_freed(tmp_path, monkey
     resumed = lora("train", "recipe=banking_support", *args, "resume=auto")
     assert resumed.returncode == 0, resumed.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_damaged_checkpoint_is_named_with_the_one_to_use_instead(tmp_path):
+    """A checkpoint file removed or cut short after it was written ended resume=auto in a traceback (safetensors,
+    JSON or a missing file) halfway through loading; every file is checked first."""
+    import shutil
+
+    args = [*TINY, "trainer.max_steps=6", "trainer.save_every=2"]
+    finished = tmp_path / "finished"
+    assert lora("train", "recipe=banking_support", *args, f"hydra.run.dir={finished}").returncode == 0
+    shutil.rmtree(finished / "adapter")  # as if stopped after the step-4 checkpoint
+    damages = {"model.safetensors": "cut", "optimizer.safetensors": "remove", "rng.safetensors": "cut",
+               "metrics.jsonl": "remove", "config.yaml": "remove", "state.json": "cut"}
+    for name, damage in damages.items():
+        run_dir = tmp_path / name
+        shutil.copytree(finished, run_dir)
+        file = run_dir / "checkpoints" / "step-000004" / name
+        if damage == "remove":
+            file.unlink()
+        else:
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+        assert_one_line_error(lora("train", "recipe=banking_support", *args, "resume=auto", f"hydra.run.dir={run_dir}"),
+                              "step-000004 is damaged", name, f"resume={run_dir / 'checkpoints' / 'step-000002'}")
+    shutil.rmtree(tmp_path / "state.json" / "checkpoints" / "step-000002")
+    assert_one_line_error(lora("train", "recipe=banking_support", *args, "resume=auto",
+                               f"hydra.run.dir={tmp_path / 'state.json'}"), "the run's only one: start a new run")
