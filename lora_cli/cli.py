@@ -122,8 +122,13 @@ def run_train(args: list[str]) -> int:
 
 
 def given(args: list[str], key: str) -> str | None:
-    """The value of `KEY=VALUE` on the command line, if given."""
-    return next((a.split("=", 1)[1] for a in args if a.startswith(f"{key}=")), None)
+    """The value of `KEY=VALUE` on the command line, if given, as Hydra reads it (quotes removed: a quoted run dir
+    skipped every check made before Hydra)."""
+    from lora_cli.overrides import value_of
+
+    arg = next((a for a in args if a.startswith(f"{key}=")), None)
+    value = value_of(arg) if arg is not None else None
+    return ",".join(value) if isinstance(value, list) else value
 
 
 def given_run_dir(args: list[str], configs: Path, recipes: Path) -> str | None:
@@ -186,6 +191,7 @@ def train_job(cfg) -> str | None:
     from lora_cli import launched
     from lora_cli.checkpoint import check_run_dir, complete_checkpoints
     from lora_cli.errors import Interrupted
+    from lora_cli.overrides import hydra_quoted
     from lora_cli.report import quiet_libraries
     from lora_cli.sweep import REFUSED, write_run_record
 
@@ -223,7 +229,7 @@ def train_job(cfg) -> str | None:
         if not in_sweep:
             sys.exit(2)
         return REFUSED  # the sweep's summary (sweep.SummarizeSweep) names the job and exits non-zero
-    resume = shlex.join(["lora", "train", *from_scratch, "resume=auto", f"hydra.run.dir={run_dir}"])
+    resume = shlex.join(["lora", "train", *from_scratch, "resume=auto", f"hydra.run.dir={hydra_quoted(str(run_dir))}"])
     try:
         with terminate_as_interrupt():
             result = _train(cfg, run_dir, command)
@@ -264,6 +270,7 @@ def with_absolute_path_overrides(overrides: list[str], cfg) -> list[str]:
     that the commands a run prints (the card's Reproduce, "continue with") work from any folder: a relative
     dataset.path in the continue command was refused as a config change when pasted elsewhere."""
     from lora_cli.config import to_run_config, with_absolute_paths
+    from lora_cli.overrides import hydra_quoted, value_of
 
     try:
         run = with_absolute_paths(to_run_config(cfg))
@@ -273,9 +280,10 @@ def with_absolute_path_overrides(overrides: list[str], cfg) -> list[str]:
                 "trainer.launcher": run.trainer.launcher}
 
     def pinned(override: str) -> str:
-        key, _, value = override.partition("=")
+        key = override.partition("=")[0]
         path = absolute.get(key.lstrip("+"))
-        return f"{key}={path}" if path is not None and "=" in override and path != value else override
+        pinned = path is not None and "=" in override and path != value_of(override)
+        return f"{key}={hydra_quoted(path)}" if pinned else override
 
     return [pinned(o) for o in overrides]
 

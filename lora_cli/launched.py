@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lora_cli.config import LAUNCHERS, RunConfig, TrainerConfig
 from lora_cli.errors import UserError
+from lora_cli.overrides import hydra_quoted
 
 # accelerate's distributed_type values under which the loop hands parameters or the step to a framework.
 SHARDING_TYPES = ("FSDP", "DEEPSPEED")
@@ -139,7 +140,7 @@ def launch_command(args: list[str], trainer: TrainerConfig, run_dir: str) -> lis
     if trainer.num_machines > 1:
         where += ["--machine_rank", str(trainer.machine_rank), "--main_process_ip", str(trainer.main_process_ip)]
     return [sys.executable, "-m", "lora_cli.launched", *how, *where, "--main_process_port", str(port),
-            "--quiet", "-m", "lora_cli", "train", *args, f"hydra.run.dir={run_dir}"]
+            "--quiet", "-m", "lora_cli", "train", *args, f"hydra.run.dir={hydra_quoted(str(run_dir))}"]
 
 
 def launch(args: list[str], trainer: TrainerConfig, run_dir: str) -> int:

@@ -4,6 +4,7 @@ or option, not a multi-line composition error after a run dir was made."""
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 
 from lora_cli.errors import UserError
@@ -40,7 +41,24 @@ def parse(overrides: list[str]):
     try:
         return OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
-        raise UserError(f"cannot parse overrides: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"cannot parse overrides: {str(exc).splitlines()[0]}; quote a value that holds spaces, "
+                        "commas or brackets, e.g. \"key='a value'\"") from None
+
+
+def hydra_quoted(value: str) -> str:
+    """`value` as an override value Hydra reads back unchanged: bare where it is plain, else single-quoted (a
+    path with spaces, commas or non-ASCII letters is a syntax error or a sweep, bare)."""
+    if re.fullmatch(r"[A-Za-z0-9_./:~+@%-]+", value):
+        return value
+    # Hydra reads a backslash literally except in a run before a quote or at the end, where they pair up.
+    escaped = re.sub(r"(\\+)(?='|$)", lambda run: run.group(1) * 2, value)
+    return "'" + escaped.replace("'", "\\'") + "'"
+
+
+def value_of(arg: str):
+    """The value of one `KEY=VALUE` override as Hydra reads it: quotes removed; a list of values for a sweep."""
+    override = parse([arg])[0]
+    return _values(override) if override.is_sweep_override() else str(override.value())
 
 
 def _values(override) -> list[str]:
@@ -107,6 +125,9 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
     for override in parsed:
         key = override.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            if override.is_sweep_override() and not {"-m", "--multirun"} & set(flags):
+                raise UserError(f"{override.input_line}: a comma makes this a list of values; quote the value if the "
+                                f"comma is part of it: \"{key}='...'\"")
             continue
         values = _values(override)
         # Sweeps are checked by key here and by value in each job; compose with the first value.
@@ -123,7 +144,7 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
     if sweeps and not {"-m", "--multirun"} & set(flags):
         listed = next(o.input_line for o in parsed if len(_values(o)) > 1)
         raise UserError(f"{listed} lists several values, which is a sweep: add -m for one run per value "
-                        "(lora train -m ...), or give one value")
+                        "(lora train -m ...), or give one value (quoted if the comma is part of it: \"key='a, b'\")")
     with initialize_config_dir(str(configs_dir), version_base="1.3"):
         try:
             skeleton = compose(config_name, overrides=group_choices)

@@ -12,6 +12,7 @@ from lora_cli.artifacts import BASE_WEIGHTS
 from lora_cli.config import RunConfig, to_run_config
 from lora_cli.errors import UserError
 from lora_cli.models import Checkpoint, load_model, load_tokenizer, resolve_checkpoint
+from lora_cli.overrides import hydra_quoted
 from lora_cli.report import console
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -75,7 +76,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         unfinished = complete_checkpoints(run_dir)
         if unfinished:
             raise UserError(f"{run_dir} holds an unfinished run (checkpoint {unfinished[-1].name}, no adapter yet); "
-                            f"finish it first: lora train ... resume=auto hydra.run.dir={run_dir}")
+                            f"finish it first: lora train ... resume=auto hydra.run.dir={hydra_quoted(str(run_dir))}")
         from lora_cli.sweep import RUN_RECORD, read_json
 
         record = read_json(run_dir / RUN_RECORD)

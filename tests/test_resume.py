@@ -302,3 +302,35 @@ def test_a_damaged_checkpoint_is_named_with_the_one_to_use_instead(tmp_path):
     shutil.rmtree(tmp_path / "state.json" / "checkpoints" / "step-000002")
     assert_one_line_error(lora("train", "recipe=banking_support", *args, "resume=auto",
                                f"hydra.run.dir={tmp_path / 'state.json'}"), "the run's only one: start a new run")
+
+
+def test_the_continue_command_pastes_back_for_any_run_dir_name(tmp_path, monkeypatch):
+    """A run dir with spaces, a comma, a quote and non-ASCII letters: quoted for Hydra, the checks before Hydra
+    see the folder itself (they saw the quotes and checked nothing), and the printed continue command, quoted for
+    Hydra inside the shell's quoting, resumes the run (unquoted it did not parse)."""
+    import os
+
+    import lora_cli.train
+
+    real_take, calls = lora_cli.train.take, []
+
+    def take_then_stop(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the loop checkpoints at the end of step 2
+        return real_take(*args, **kwargs)
+
+    monkeypatch.setattr(lora_cli.train, "take", take_then_stop)
+    run_dir = tmp_path / "Jo's run, ünï"
+    quoted = "'" + str(run_dir).replace("'", "\\'") + "'"
+    stopped = lora("train", "recipe=banking_support", *RESUMABLE, "trainer.max_steps=4", f"hydra.run.dir={quoted}")
+    assert stopped.returncode == 130, stopped.stderr
+    advice = stopped.stderr.splitlines()[-1].split("continue with: ")[1]
+    monkeypatch.undo()
+    program, command, *resume_args = shlex.split(advice)
+    resumed = lora(command, *resume_args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [s for s, _ in losses(run_dir)] == [1, 2, 3, 4]
+    again = lora("train", "recipe=banking_support", *RESUMABLE, "trainer.lr=0.5", f"hydra.run.dir={quoted}")
+    assert_one_line_error(again, "already holds a trained adapter")
+    assert "trainer.lr=0.5" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # refused before Hydra
