@@ -101,6 +101,9 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
             raise UserError(f"{override.input_line}: a finished run's config keeps every key; set one instead "
                             "(KEY=VALUE, or GROUP=OPTION for a whole group)")
         key = KEY_ALIASES.get(override.key_or_group, override.key_or_group)
+        if key == "trainer" or key.startswith("trainer."):
+            raise UserError(f"{override.input_line}: training settings change nothing after training; eval, generate "
+                            "and merge take eval.*, generate.* and merge.* (e.g. eval.batch_size)")
         try:
             if key in groups:
                 value = override.get_value_element_as_str()

@@ -217,7 +217,8 @@ def test_merge_refuses_what_it_cannot_do_cleanly(tiny_run, tmp_path):
 
 def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_path):
     """`lora eval run=... adapter.r=4` would change what the report and the merged model's card say, not the saved
-    weights: refused, naming what the run trained. How the base loads under the adapter may still change."""
+    weights: refused, naming what the run trained. How the base loads under the adapter may still change. A
+    training setting changes nothing at all."""
     from lora_cli.runs import load_run_config
 
     run_dir = tiny_run[0]
@@ -227,6 +228,9 @@ def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_pa
                           "adapter=lora")
     assert not (tmp_path / "out").exists()
     assert_one_line_error(lora("generate", f"run={run_dir}", "adapter.rr=4"), "did you mean adapter.r")
+    # Training settings did nothing after training, silently: `trainer.eval_batch_size=4` is not eval.batch_size.
+    for override in ("trainer.lr=1", "trainer.batch_size=4", "trainer=default"):
+        assert_one_line_error(lora("eval", f"run={run_dir}", override), override, "eval.batch_size")
     assert_one_line_error(lora("eval", f"run={run_dir}", "~dataset"), "~dataset", "keeps every key")
     assert load_run_config(run_dir, ["adapter.quantize=nf4"]).adapter.quantize == "nf4"
     # A max_seq_len that leaves nothing to score: the same one-line reason training gives, nothing written.
