@@ -550,6 +550,11 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
 
     # ---- save
     train_loss, eval_loss = metrics.series("loss"), metrics.series("eval_loss")
+    if not math.isfinite(eval_loss[-1][1]):  # trainer.on_nonfinite=skip can train on into an adapter that is all NaN
+        skipped = sum(1 for r in metrics.records if "skipped" in r)
+        raise UserError(f"the adapter trained gives a non-finite eval loss ({skipped} of {steps} steps were skipped "
+                        f"as non-finite); no adapter was saved; lower trainer.lr (checkpoints, if any, are in "
+                        f"{run_dir / checkpoint.FOLDER})")
     result = {
         "run_dir": str(run_dir), "steps": steps, "variant": cfg.adapter.name, "r": cfg.adapter.r,
         "trainable_params": trainable, "total_params": total_params,

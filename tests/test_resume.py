@@ -231,6 +231,17 @@ def test_skip_drops_non_finite_steps_and_trains_on(tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in lora_b.values())
 
 
+def test_skip_that_ends_in_a_non_finite_model_saves_no_adapter(tmp_path):
+    """trainer.on_nonfinite=skip with a learning rate that blows the adapter up: every later step is skipped and
+    the run ended 'complete' with a NaN eval loss and an adapter that looked finished."""
+    run_dir = tmp_path / "run"
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=4", "trainer.lr=1e30",
+                "trainer.on_nonfinite=skip", f"hydra.run.dir={run_dir}")
+    assert_ends_in_one_line(proc, "non-finite eval loss", "steps were skipped", "lower trainer.lr")
+    assert not (run_dir / "adapter").exists()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+
+
 def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
     """resume=auto takes the newest and pruning drops the oldest: 'step-1000000' sorts before 'step-999999' as
     text, which would have resumed an older state and pruned the newest."""
