@@ -114,6 +114,8 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
                 if cfg.merge.export_rank else None
             merged = adapted.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse non-finite weights
             merge_diff = (logits(merged, probes) - reference).abs().max().item()
+            provenance, adapter_sha = adapter_provenance(adapted)  # in config.json: it travels with the checkpoint
+            merged.config.lora_cli_provenance = {**provenance, "adapter_sha256": adapter_sha, "run_dir": str(run_dir)}
             merged.to(getattr(torch, cfg.merge.dtype)).save_pretrained(tmp, max_shard_size=cfg.merge.max_shard_size)
             adapted.tokenizer.save_pretrained(tmp)
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True)
@@ -140,13 +142,19 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
     return result
 
 
-def write_card(folder: Path, run_dir: Path, adapted, cfg: RunConfig, result: dict, command: str) -> None:
+def adapter_provenance(adapted) -> tuple[dict, str]:
+    """The adapter's provenance (its safetensors header) and the adapter file's sha256."""
     from safetensors import safe_open
 
     weights = adapted.adapter_dir / "adapter_model.safetensors"
     with safe_open(weights, "pt") as f:
         provenance = f.metadata() or {}
-    adapter_sha = hashlib.sha256(weights.read_bytes()).hexdigest()
+    return provenance, hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
+def write_card(folder: Path, run_dir: Path, adapted, cfg: RunConfig, result: dict, command: str) -> None:
+    weights = adapted.adapter_dir / "adapter_model.safetensors"
+    provenance, adapter_sha = adapter_provenance(adapted)
     config_text = (run_dir / "config.yaml").read_text()
     dataset = f"`{provenance.get('dataset', cfg.dataset.name)}` (fingerprint `{provenance.get('dataset_fingerprint')}`)"
     checked = "the saved checkpoint, reloaded" if result["dtype"] == "float32" else "the fp32 merge"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -149,6 +150,11 @@ def test_merged_checkpoint_loads_without_lora_cli_and_matches(tiny_run, tmp_path
     for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"):
         assert (out / name).is_file(), name
     assert "sha256" in (out / "README.md").read_text()
+    # Provenance travels with the checkpoint (config.json), not only in its card: the adapter's header, its hash.
+    recorded = json.loads((out / "config.json").read_text())["lora_cli_provenance"]
+    adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
+    assert recorded["base_model"] == "tiny-llama" and recorded["run_dir"] == str(run_dir)
+    assert recorded["adapter_sha256"] == hashlib.sha256(adapter_file.read_bytes()).hexdigest()
 
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "I lost my card"}], tokenize=False,
                                            add_generation_prompt=True)
