@@ -241,11 +241,22 @@ def _normalise_columns(ds, cfg: DatasetConfig):
     return ds
 
 
+def eval_split_of(cfg: DatasetConfig) -> str | None:
+    """The eval split: dataset.eval_split; else, for a dataset folder with an eval file of its own (eval.jsonl,
+    eval.csv, ...), that file, which its name marks as the examples to evaluate on (it was ignored); else None:
+    a held-out slice of train."""
+    if cfg.eval_split or not cfg.path or cfg.path.startswith(BUILTIN_PREFIX):
+        return cfg.eval_split
+    folder = resolve_path(cfg.path)
+    return "eval" if folder.is_dir() and any((folder / f"eval{suffix}").exists() for suffix in FILE_BUILDERS) \
+        else None
+
+
 def load_train_eval(cfg: DatasetConfig):
     """(train, eval) datasets; without an eval split, a fixed held-out slice of train."""
     train = load_split(cfg, cfg.train_split)
-    if cfg.eval_split:
-        evaluation = load_split(cfg, cfg.eval_split)
+    if eval_split_of(cfg):
+        evaluation = load_split(cfg, eval_split_of(cfg))
     else:
         if len(train) < 2:
             raise UserError(f"dataset {cfg.name!r} has {len(train)} row(s) in its {cfg.train_split} split: holding "

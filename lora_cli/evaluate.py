@@ -23,6 +23,7 @@ from lora_cli.config import RunConfig
 from lora_cli.data import (
     collate,
     conversation_text,
+    eval_split_of,
     load_train_eval,
     sample,
     split_at_last_reply,
@@ -238,7 +239,7 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
     samples = [{"prompt": p[-1]["content"], "gold": g, "base": b, "adapter": a}
                for p, g, b, a in zip(prompts, golds, outputs["base"], outputs["adapter"], strict=True)]
     overlap = trained_on(run_dir, conversations)
-    split_name = cfg.dataset.eval_split or f"held-out {cfg.dataset.eval_size} of {cfg.dataset.train_split}"
+    split_name = eval_split_of(cfg.dataset) or f"held-out {cfg.dataset.eval_size} of {cfg.dataset.train_split}"
     report = {
         "run_dir": str(run_dir), "dataset": cfg.dataset.name, "split": split_name,
         "examples": len(golds), "trained_on": overlap, "metric": metric, "label_mode": mode, "decoding": DECODING[mode],

@@ -129,6 +129,24 @@ def test_a_folder_with_train_and_eval_files_and_a_fingerprint(tmp_path, tokenize
     assert fingerprint != prepare(cfg, tokenizer)[2]
 
 
+def test_a_folders_own_eval_file_is_the_eval_split(tmp_path):
+    """dataset=jsonl on a folder with train.jsonl and eval.jsonl: eval.jsonl is what the run evaluates on (with
+    dataset.eval_split left null it was ignored, and 10% of train held out instead, silently)."""
+    from conftest import lora
+
+    def chat(i: int) -> dict:
+        return {"messages": [{"role": "user", "content": f"question {i}"}, {"role": "assistant", "content": f"{i}"}]}
+
+    write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(30)])
+    write_jsonl(tmp_path / "eval.jsonl", [chat(i) for i in range(100, 110)])
+    plan = lora("train", "--dry-run", "model=tiny_llama", "dataset=jsonl", f"dataset.path={tmp_path}")
+    assert plan.returncode == 0, plan.stderr
+    assert "30 train, 10 eval" in plan.stdout
+    (tmp_path / "eval.jsonl").unlink()
+    held_out = lora("train", "--dry-run", "model=tiny_llama", "dataset=jsonl", f"dataset.path={tmp_path}")
+    assert "27 train, 3 eval" in held_out.stdout
+
+
 def test_held_out_eval_split_is_fixed_and_disjoint(tmp_path, tokenizer):
     rows = [{"prompt": f"question {i}", "completion": f"answer {i}"} for i in range(40)]
     write_jsonl(tmp_path / "d.jsonl", rows)
