@@ -121,13 +121,14 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
     flags, overrides = split_argv(args)
     parsed = parse(overrides)
     groups = group_options(configs_dir, recipes_dir)
-    group_choices, all_choices, key_overrides, added, sweeps = [], [], [], [], []
+    group_choices, all_choices, key_overrides, added, sweeps, hydra_overrides = [], [], [], [], [], []
     for override in parsed:
         key = override.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
             if override.is_sweep_override() and not {"-m", "--multirun"} & set(flags):
                 raise UserError(f"{override.input_line}: a comma makes this a list of values; quote the value if the "
                                 f"comma is part of it: \"{key}='...'\"")
+            hydra_overrides += [] if override.is_sweep_override() else [override]
             continue
         values = _values(override)
         # Sweeps are checked by key here and by value in each job; compose with the first value.
@@ -154,12 +155,33 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
             check_key(skeleton, key)
         for key in added:
             check_addable(skeleton, key)
+        check_hydra_overrides(compose, config_name, group_choices, hydra_overrides)
         try:
             for index, choice in sweeps:
                 compose(config_name, overrides=[*all_choices[:index], choice, *all_choices[index + 1:]])
             return compose(config_name, overrides=all_choices)
         except (HydraException, OmegaConfBaseException) as exc:
             raise UserError(f"invalid override: {one_line(exc)}") from None
+
+
+def check_hydra_overrides(compose, config_name: str, group_choices: list[str], overrides: list) -> None:
+    """`hydra.*` keys and `hydra/` groups, checked as the others are: a typo (hydra.run.dirr) or a launcher plugin
+    that is not installed (hydra/launcher=joblib) was Hydra's multi-line error after the start."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not overrides:
+        return
+    with_hydra = compose(config_name, overrides=group_choices, return_hydra_config=True)
+    for override in overrides:
+        if not override.key_or_group.startswith("hydra/") and not override.is_add() and not override.is_delete():
+            check_key(with_hydra, override.key_or_group)
+    try:
+        compose(config_name, overrides=[*group_choices, *(o.input_line for o in overrides)], return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as exc:
+        plugin = next((o.input_line for o in overrides if o.key_or_group in ("hydra/launcher", "hydra/sweeper")), None)
+        hint = f"; {plugin} needs its Hydra plugin installed (e.g. pip install hydra-joblib-launcher)" if plugin else ""
+        raise UserError(f"invalid Hydra override: {one_line(exc)}{hint}") from None
 
 
 def check_group(group: str, values: list[str], options: list[str]) -> None:
