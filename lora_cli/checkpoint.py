@@ -61,6 +61,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 # Hydra's record of a job: Hydra writes it into a sweep's job folder before the job can check that folder, so it
 # proves nothing, and a folder holding only it is as good as empty.
 HYDRA_RECORD = ".hydra"
+LOCK_FILE = ".lock"  # held by the run writing into the folder (claim_run_dir)
 
 
 def written_by_a_run(run_dir: Path) -> bool:
@@ -90,7 +91,8 @@ def check_run_dir(run_dir: Path, resume: str | None) -> None:
     folder of the user's own is never written into (a run writes README.md, config.yaml and more there)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"hydra.run.dir={run_dir} is a file, not a folder; pick a new or empty folder")
-    found = sorted(p.name for p in run_dir.iterdir() if p.name != HYDRA_RECORD) if run_dir.is_dir() else []
+    found = sorted(p.name for p in run_dir.iterdir() if p.name not in (HYDRA_RECORD, LOCK_FILE)) \
+        if run_dir.is_dir() else []
     if found and not written_by_a_run(run_dir):
         raise UserError(f"hydra.run.dir={run_dir} holds files that no lora run wrote ({', '.join(found[:3])}"
                         f"{', ...' if len(found) > 3 else ''}) and a run would write README.md, config.yaml and more "
@@ -102,6 +104,23 @@ def check_run_dir(run_dir: Path, resume: str | None) -> None:
     if existing and resume is None:
         raise UserError(f"{run_dir} holds an unfinished run (checkpoint {existing[-1].name}); add resume=auto to "
                         "continue it, or pick another hydra.run.dir")
+
+
+def claim_run_dir(run_dir: Path):
+    """Hold the run dir for this run: the open lock file, released when it is closed or the process ends. Two runs
+    started in the same second get the same default (timestamped) run dir; they interleaved their metrics and
+    one adapter overwrote the other, both exiting 0."""
+    import fcntl
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "w")  # noqa: SIM115 (held open: the lock lives as long as the handle)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"another lora run is writing into {run_dir} (runs started in the same second share the "
+                        "default run dir); pick another hydra.run.dir") from None
+    return handle
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:

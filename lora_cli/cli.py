@@ -29,7 +29,9 @@ commands:
   report     compare runs: lora report SWEEP_DIR [metric=eval_loss|accuracy|...]  (summary.csv, summary.png)
 
 Every command takes Hydra overrides. `lora train --help` lists the config groups and every key;
-`lora train --cfg job ...` prints the composed config without running. Add debug=true to see tracebacks.
+`lora COMMAND --help` the keys of the others. `lora train --dry-run ...` checks a run and plans it (steps, time,
+memory) without training; `lora train --cfg job ...` prints the composed config. Add --debug (or debug=true) to
+see tracebacks.
 """
 COMMANDS = ("train", "eval", "generate", "merge", "report")
 # Arguments of the commands that read a finished run; everything else is a config override.
@@ -47,6 +49,28 @@ def fail(message: str) -> int:
     return 2
 
 
+# Hydra's own flags (`lora train --hydra-help`), and ours.
+TRAIN_FLAGS = {"--dry-run", "--debug", "-m", "--multirun", "--run", "-r", "--cfg", "-c", "--resolve", "--package", "-p",
+               "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--config-path", "-cp",
+               "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun", "--version"}
+
+
+def command_help(command: str) -> str:
+    """`lora eval|generate|merge|report --help`: the usage line, then the command's own keys with their defaults
+    (read from configs/train.yaml, so the help cannot drift from them)."""
+    from omegaconf import OmegaConf
+
+    from lora_cli.paths import shipped_dir
+
+    usage = next(line.split(": ", 1)[1] for line in USAGE.splitlines() if line.strip().startswith(command + " "))
+    if command == "report":
+        return f"usage: {usage}\n"
+    keys = OmegaConf.load(shipped_dir("configs") / "train.yaml")[command]
+    lines = [f"  {command}.{key}={'null' if value is None else value}" for key, value in keys.items()]
+    return (f"usage: {usage}\n\nkeys of `lora {command}` (defaults):\n" + "\n".join(lines) +
+            "\n\nThe run's own settings (dataset.*, model.*) can be overridden too, e.g. dataset.eval_split=test.\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -60,7 +84,17 @@ def main(argv: list[str] | None = None) -> int:
         near = difflib.get_close_matches(command, COMMANDS, n=1)
         hint = f"did you mean `lora {near[0]}`? " if near else ""
         return fail(f"unknown command {command!r}; {hint}commands: {', '.join(COMMANDS)}")
-    debug = "debug=true" in rest or bool(os.environ.get("LORA_CLI_DEBUG"))
+    if command != "train" and {"-h", "--help"} & set(rest):
+        print(command_help(command), end="")
+        return 0
+    debug = "debug=true" in rest or "--debug" in rest or bool(os.environ.get("LORA_CLI_DEBUG"))
+    rest = [a for a in rest if a != "--debug"] + (["debug=true"] if "--debug" in rest and command != "report" else [])
+    unknown = [a for a in rest if a.startswith("-") and "=" not in a and a not in TRAIN_FLAGS] if command == "train" \
+        else [a for a in rest if a.startswith("--")]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(TRAIN_FLAGS), n=1) if command == "train" else []
+        hint = f"did you mean {near[0]}? " if near else ""
+        return fail(f"unknown option {unknown[0]} for `lora {command}`; {hint}see `lora {command} --help`")
     try:
         if command == "train":
             return run_train(rest)
@@ -189,7 +223,7 @@ def train_job(cfg) -> str | None:
     from hydra.types import RunMode
 
     from lora_cli import launched
-    from lora_cli.checkpoint import check_run_dir, complete_checkpoints
+    from lora_cli.checkpoint import check_run_dir, claim_run_dir, complete_checkpoints
     from lora_cli.errors import Interrupted
     from lora_cli.overrides import hydra_quoted
     from lora_cli.report import quiet_libraries
@@ -224,6 +258,7 @@ def train_job(cfg) -> str | None:
         # A sweep's job dir (or the default timestamped one) holding another run: refused before this job writes
         # anything of its own there, run.json included, so the other run's record stays as it was.
         check_run_dir(run_dir, cfg.get("resume"))
+        claim = claim_run_dir(run_dir) if launched.rank() == 0 else None  # noqa: F841 (held until the job returns)
     except UserError as exc:
         fail(str(exc))
         if not in_sweep:

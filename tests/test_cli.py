@@ -36,6 +36,21 @@ def test_train_help_lists_groups_and_options():
         assert line in proc.stdout
 
 
+def test_every_command_has_help_and_names_unknown_options(tiny_run):
+    """`lora eval --help` was "needs run=", `lora report --help` "no such directory"; `--dryrun` was Hydra's
+    ten-line usage; `--debug` was not accepted."""
+    for command, key in (("eval", "eval.batch_size=16"), ("generate", "generate.temperature=0.0"),
+                         ("merge", "merge.tolerance=0.0001"), ("report", None)):
+        proc = lora(command, "--help")
+        assert proc.returncode == 0 and proc.stdout.startswith(f"usage: lora {command} "), proc.stdout
+        assert key is None or key in proc.stdout
+    assert_one_line_error(lora("train", "--dryrun", "recipe=banking_support"), "--dryrun", "did you mean --dry-run?")
+    assert_one_line_error(lora("eval", f"run={tiny_run[0]}", "--samples"), "--samples", "lora eval --help")
+    debugged = lora("eval", f"run={tiny_run[0]}", "--debug", "eval.batch_size=0")
+    assert debugged.returncode != 0 and "Traceback" in debugged.stderr  # --debug shows it, as debug=true does
+    assert "--dry-run" in lora("--help").stdout and "--debug" in lora("--help").stdout
+
+
 def test_cfg_job_prints_the_composed_recipe_without_running(tmp_path):
     proc = lora("train", "--cfg", "job", "recipe=banking_support", "adapter.r=4", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

@@ -345,3 +345,19 @@ def test_the_continue_command_pastes_back_for_any_run_dir_name(tmp_path, monkeyp
     again = lora("train", "recipe=banking_support", *RESUMABLE, "trainer.lr=0.5", f"hydra.run.dir={quoted}")
     assert_one_line_error(again, "already holds a trained adapter")
     assert "trainer.lr=0.5" not in (run_dir / ".hydra" / "overrides.yaml").read_text()  # refused before Hydra
+
+
+def test_a_run_dir_another_run_is_writing_into_is_refused(tmp_path):
+    """Two runs started in the same second share the default run dir: the second one is refused in one line and
+    writes nothing there (they interleaved their metrics and one adapter overwrote the other)."""
+    import fcntl
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text("")  # what the first run has written when the second one starts
+    with open(run_dir / ".lock", "w") as held:  # the first run, still training
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        second = lora("train", "recipe=banking_support", *TINY, f"hydra.run.dir={run_dir}")
+    assert_one_line_error(second, "another lora run is writing into", "pick another hydra.run.dir")
+    assert sorted(p.name for p in run_dir.iterdir()) == [".hydra", ".lock", "metrics.jsonl"]
+    assert lora("train", "recipe=banking_support", *TINY, f"hydra.run.dir={run_dir}").returncode == 0  # once free
