@@ -121,16 +121,35 @@ def summarize(root: Path, metric: str = "eval_loss") -> list[dict]:
     runs = find_runs(root)
     if not runs:
         raise UserError(f"{root} holds no lora-cli runs (no run.json or config.yaml + adapter/ below it)")
+    check_summaries_are_ours(root)
     rows = sorted(with_swept([row(run, root) for run in runs]), key=sort_key(metric))
-    with open(root / "summary.csv", "w", newline="") as f:
+    partial = root / ".summary.csv.partial"
+    with open(partial, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
-    plot(rows, metric, root / "summary.png")
+    partial.replace(root / "summary.csv")
+    plot(rows, metric, root / ".summary.partial.png")
+    (root / ".summary.partial.png").replace(root / "summary.png")
     from lora_cli.report import leaderboard
 
     leaderboard(rows, metric, root)
     return rows
+
+
+def check_summaries_are_ours(root: Path) -> None:
+    """summary.csv and summary.png are replaced only where lora wrote them: a folder of runs may hold a user's own
+    files by those names (they were overwritten without a word)."""
+    csv_file, png_file = root / "summary.csv", root / "summary.png"
+    if csv_file.exists():
+        with open(csv_file, newline="") as f:
+            header = next(csv.reader(f), [])
+        if not {"run", "status", "variant", "eval_loss"} <= set(header):
+            raise UserError(f"{csv_file} is not a summary lora wrote, and `lora report` would replace it; move it "
+                            "away, or report on another folder")
+    elif png_file.exists():
+        raise UserError(f"{png_file} exists without lora's summary.csv beside it, and `lora report` would replace "
+                        "it; move it away, or report on another folder")
 
 
 def plot(rows: list[dict], metric: str, path: Path) -> None:

@@ -116,3 +116,11 @@ def test_report_on_a_folder_of_single_runs(tiny_run, tmp_path):
     assert all(float(r["eval_loss"]) > 0 for r in rows)
     assert_one_line_error(lora("report", str(tmp_path / "nothing")), "no such directory")
     assert_one_line_error(lora("report", str(tmp_path), "metric=speed"), "metric=speed")
+    assert lora("report", str(tmp_path)).returncode == 0  # its own summary, replaced
+    # A user's own summary.csv (or summary.png) in the folder: refused, left as it was (it was overwritten).
+    (tmp_path / "summary.csv").write_text("quarter,revenue\nQ1,10\n")
+    assert_one_line_error(lora("report", str(tmp_path)), "summary.csv is not a summary lora wrote")
+    assert (tmp_path / "summary.csv").read_text() == "quarter,revenue\nQ1,10\n"
+    (tmp_path / "summary.csv").unlink()
+    assert_one_line_error(lora("report", str(tmp_path)), "summary.png exists without")
+    assert not list(tmp_path.glob(".summary*"))
