@@ -221,6 +221,6 @@ def test_dry_run_validates_and_prints_the_plan_without_training(tmp_path):
     assert "then `lora eval` on up to 50 eval examples" in " ".join(at_end.stdout.split())
     # An interpolated run dir is checked as the folder it names, as the run will.
     (tmp_path / "r16" / "adapter").mkdir(parents=True)
-    (tmp_path / "r16" / "run.json").write_text('{"status": "complete"}')
+    (tmp_path / "r16" / "run.json").write_text('{"status": "complete", "overrides": []}')
     assert_one_line_error(lora("train", "--dry-run", "recipe=banking_support", "model=tiny_llama",
                                f"hydra.run.dir={tmp_path}/r${{adapter.r}}"), "already holds a trained adapter")
