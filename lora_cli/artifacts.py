@@ -14,7 +14,7 @@ from pathlib import Path
 from lora_cli import __version__
 from lora_cli.config import RunConfig
 from lora_cli.models import Checkpoint
-from lora_cli.paths import full_disk_as_error, publish, staging_dir
+from lora_cli.paths import full_disk_as_error, publish, staging_dir, write_atomic
 
 # Base weights a variant changed during training (ScaLoRA merges into them), keyed as in the base checkpoint;
 # written beside the adapter so pristine base + these + the adapter reproduce the trained model exactly.
@@ -42,7 +42,7 @@ def provenance(checkpoint: Checkpoint, data_fingerprint: str, cfg: RunConfig) ->
 
 
 def write_config(run_dir: Path, cfg: RunConfig) -> None:
-    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    write_atomic(run_dir / "config.yaml", config_yaml(cfg))
 
 
 def check_adapter_tensors(tensors: dict) -> None:
@@ -224,4 +224,4 @@ def write_model_card(run_dir: Path, cfg: RunConfig, result: dict, prov: dict[str
         train_last=result["train_loss_last"], eval_before=result["eval_loss_before"],
         eval_after=result["eval_loss_after"], tps=result["tokens_per_s"], wall=result["wall_time_s"],
         command=command, adapter_dir=run_dir.resolve() / "adapter", variant_note=variant_note(run_dir, adapter.name))
-    (run_dir / "README.md").write_text(text)
+    write_atomic(run_dir / "README.md", text)

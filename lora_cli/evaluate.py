@@ -42,6 +42,7 @@ from lora_cli.labels import (
     predict_labels,
     render_prompts,
 )
+from lora_cli.paths import write_atomic
 from lora_cli.report import eval_table, progress_steps
 from lora_cli.runs import base_only, load_adapted, load_run_config
 from lora_cli.train import evaluate_loss
@@ -262,7 +263,7 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
 
 
 def write_report(run_dir: Path, report: dict) -> None:
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_atomic(run_dir / "eval.json", json.dumps(report, indent=2, ensure_ascii=False))
     card = run_dir / "README.md"
     if card.is_file():
         update_model_card(card, report)
@@ -291,5 +292,5 @@ def update_model_card(card: Path, report: dict) -> None:
         text = text[:start] + section + text[end + len(CARD_END):]
     else:  # no section yet, or its markers edited away: what the user wrote stays, a fresh section follows
         text = text.rstrip() + "\n\n" + section + "\n"
-    card.write_text(text)
+    write_atomic(card, text)
 

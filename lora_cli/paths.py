@@ -50,6 +50,14 @@ def publish(staging: Path, target: Path) -> None:
         shutil.rmtree(old.parent)
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """Replace a file whole (written aside, then renamed), so that a reader, or a run stopped midway, never sees
+    half of it."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
+
+
 @contextmanager
 def full_disk_as_error(what: str, then: str):
     """Running out of disk space while writing `what` as one line saying what to do: safetensors reports it as

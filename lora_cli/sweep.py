@@ -16,6 +16,7 @@ from hydra.experimental.callback import Callback
 from rich.markup import escape
 
 from lora_cli.errors import UserError
+from lora_cli.paths import write_atomic
 
 RUN_RECORD = "run.json"
 REFUSED = "refused"  # what a sweep job returns when its folder holds another run or the user's files
@@ -28,9 +29,7 @@ HIGHER_IS_BETTER = {"accuracy", "token_f1", "tokens_per_s"}
 def write_run_record(run_dir: Path, record: dict) -> None:
     """run.json, replaced whole (written aside, then renamed), so that a reader never sees half of it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    partial = run_dir / f".{RUN_RECORD}.partial"
-    partial.write_text(json.dumps(record, indent=2))
-    partial.replace(run_dir / RUN_RECORD)
+    write_atomic(run_dir / RUN_RECORD, json.dumps(record, indent=2))
 
 
 def find_runs(root: Path) -> list[Path]:
