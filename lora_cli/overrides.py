@@ -80,12 +80,25 @@ def _leaf_keys(node, prefix: str = "") -> list[str]:
     return keys
 
 
+# Keys that exist only under one option of a group, or only once added with '+': the fix, not the nearest name.
+OPTION_KEYS = {"adapter.scale.": "adapter=slora", "adapter.scalora.": "adapter=scalora"}
+ADDED_MAPS = ("dataset.rename_columns.",)
+
+
 def check_key(cfg, key: str) -> None:
     """A key that is not in the config is a typo until proven otherwise: name the nearest one."""
-    if not _key_exists(cfg, key):
-        near = difflib.get_close_matches(key, _leaf_keys(cfg), n=1, cutoff=0.5)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise UserError(f"unknown config key {key!r}; {hint}(`lora train --help` lists every key)")
+    from omegaconf import DictConfig, OmegaConf
+
+    if _key_exists(cfg, key):
+        return
+    option = next((option for prefix, option in OPTION_KEYS.items() if key.startswith(prefix)), None)
+    if option and not isinstance(OmegaConf.select(cfg, key.rsplit(".", 1)[0]), DictConfig):  # null on other options
+        raise UserError(f"{key} is a setting of {option}; add {option} to the command (or drop {key})")
+    if key.startswith(ADDED_MAPS):
+        raise UserError(f"{key} adds an entry to a map: write it with a '+' (+{key}=...)")
+    near = difflib.get_close_matches(key, _leaf_keys(cfg), n=1, cutoff=0.5)
+    hint = f"did you mean {near[0]}? " if near else ""
+    raise UserError(f"unknown config key {key!r}; {hint}(`lora train --help` lists every key)")
 
 
 def check_addable(cfg, key: str) -> None:
