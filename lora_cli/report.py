@@ -227,12 +227,13 @@ def leaderboard(rows: list[dict], metric: str, root) -> None:
     columns = ["run", "status", "swept", "variant", "r", "trainable_params", "train_loss", "eval_loss", "accuracy",
                "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib"]
     columns = [c for c in columns if c == metric or any(r.get(c) not in (None, "") for r in rows)]
-    for column in columns:
+    for column in columns:  # folded, not cut to "sta…", where a terminal is narrow
         table.add_column(column, justify="left" if column in ("run", "status", "swept", "variant") else "right",
-                         style="bold" if column == metric else None)
+                         style="bold" if column == metric else None, overflow="fold")
     for r in rows:
         table.add_row(*[_cell(r.get(c)) for c in columns])
-    stdout.print(table)
+    # Piped or logged, the table is as wide as it needs rather than the 80 columns assumed without a terminal.
+    (stdout if stdout.is_terminal else Console(highlight=False, quiet=stdout.quiet, width=240)).print(table)
     for r in rows:
         if r["status"] != "complete":
             stdout.print(f"[red]{escape(r['run'])}: {r['status']}[/]: {escape(str(r['reason']))}")
