@@ -55,7 +55,7 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     names outgrow their zero padding and sort wrongly as text."""
     folder = run_dir / FOLDER
     found = [p for p in folder.glob("step-*") if (p / STATE).is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")) if p.name[5:].isdigit() else -1)
+    return sorted(found, key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
 
 
 # Hydra's record of a job: Hydra writes it into a sweep's job folder before the job can check that folder, so it
@@ -159,7 +159,8 @@ def check_intact(path: Path) -> None:
             elif file.suffix == ".json":
                 json.loads(file.read_text())
             elif file.suffix == ".jsonl":
-                [json.loads(line) for line in file.read_text().splitlines()]
+                for line in file.read_text().splitlines():
+                    json.loads(line)
             else:
                 OmegaConf.create(file.read_text())
         except Exception as exc:

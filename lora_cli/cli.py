@@ -71,6 +71,19 @@ def command_help(command: str) -> str:
             "\n\nThe run's own settings (dataset.*, model.*) can be overridden too, e.g. dataset.eval_split=test.\n")
 
 
+def with_known_flags(command: str, args: list[str]) -> list[str]:
+    """The arguments with `--debug` as the `debug=true` it stands for; an option the command does not take is an
+    error naming the nearest one (`--dryrun` was Hydra's ten-line usage)."""
+    takes = TRAIN_FLAGS if command == "train" else {"--debug"}
+    unknown = [a for a in args if a.startswith("-") and "=" not in a and a not in takes]
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], sorted(takes), n=1)
+        hint = f"did you mean {near[0]}? " if near else ""
+        raise UserError(f"unknown option {unknown[0]} for `lora {command}`; {hint}see `lora {command} --help`")
+    debug = ["debug=true"] if "--debug" in args and command != "report" else []
+    return [a for a in args if a != "--debug"] + debug
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -88,14 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         print(command_help(command), end="")
         return 0
     debug = "debug=true" in rest or "--debug" in rest or bool(os.environ.get("LORA_CLI_DEBUG"))
-    rest = [a for a in rest if a != "--debug"] + (["debug=true"] if "--debug" in rest and command != "report" else [])
-    unknown = [a for a in rest if a.startswith("-") and "=" not in a and a not in TRAIN_FLAGS] if command == "train" \
-        else [a for a in rest if a.startswith("--")]
-    if unknown:
-        near = difflib.get_close_matches(unknown[0], sorted(TRAIN_FLAGS), n=1) if command == "train" else []
-        hint = f"did you mean {near[0]}? " if near else ""
-        return fail(f"unknown option {unknown[0]} for `lora {command}`; {hint}see `lora {command} --help`")
     try:
+        rest = with_known_flags(command, rest)
         if command == "train":
             return run_train(rest)
         if command == "report":
@@ -317,8 +324,8 @@ def with_absolute_path_overrides(overrides: list[str], cfg) -> list[str]:
     def pinned(override: str) -> str:
         key = override.partition("=")[0]
         path = absolute.get(key.lstrip("+"))
-        pinned = path is not None and "=" in override and path != value_of(override)
-        return f"{key}={hydra_quoted(path)}" if pinned else override
+        moved = path is not None and "=" in override and path != value_of(override)
+        return f"{key}={hydra_quoted(path)}" if moved else override
 
     return [pinned(o) for o in overrides]
 

@@ -254,9 +254,9 @@ def eval_split_of(cfg: DatasetConfig) -> str | None:
 
 def load_train_eval(cfg: DatasetConfig):
     """(train, eval) datasets; without an eval split, a fixed held-out slice of train."""
-    train = load_split(cfg, cfg.train_split)
-    if eval_split_of(cfg):
-        evaluation = load_split(cfg, eval_split_of(cfg))
+    train, eval_split = load_split(cfg, cfg.train_split), eval_split_of(cfg)
+    if eval_split:
+        evaluation = load_split(cfg, eval_split)
     else:
         if len(train) < 2:
             raise UserError(f"dataset {cfg.name!r} has {len(train)} row(s) in its {cfg.train_split} split: holding "
