@@ -189,10 +189,15 @@ def check_same_run(path: Path, config_yaml: str) -> None:
                         "the same settings or start a new run")
 
 
+def saved_state(path: Path) -> dict:
+    """A checkpoint's state.json: the train state, the optimizer's and scheduler's, the Python / NumPy generators."""
+    return json.loads((path / STATE).read_text())
+
+
 def check_same_data(path: Path, fingerprint: str) -> None:
     """Refuse to resume on examples other than the checkpoint's: the config can be the same while the files it
     names were edited, and the data order and the steps left would then belong to neither."""
-    saved = json.loads((path / STATE).read_text())["state"].get("data_fingerprint")
+    saved = saved_state(path)["state"].get("data_fingerprint")
     if saved and saved != fingerprint:
         raise UserError(f"resume={path} was trained on other examples (data fingerprint {saved[:12]}, now "
                         f"{fingerprint[:12]}): the dataset's files changed since; restore them, or start a new run")
@@ -244,7 +249,7 @@ def restore(path: Path, model, variant, optimizer, scheduler) -> tuple[TrainStat
             params[name].data.copy_(value)
     variant.load_state_tensors(model, {k.removeprefix("variant."): v for k, v in tensors.items()
                                        if k.startswith("variant.")})
-    saved = json.loads((path / STATE).read_text())
+    saved = saved_state(path)
     optimizer.load_state_dict(_join_optimizer(load_file(path / "optimizer.safetensors"), saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
     records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
@@ -275,7 +280,7 @@ def restore_rng(path: Path, rank: int) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([generators[f"{rank}.cuda{i}"] for i in range(torch.cuda.device_count())
                                       if f"{rank}.cuda{i}" in generators])
-    saved = json.loads((path / STATE).read_text())["rng"][rank]
+    saved = saved_state(path)["rng"][rank]
     version, internal, gauss = saved["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, cached = saved["numpy"]

@@ -138,9 +138,6 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
     for override in parsed:
         key = override.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
-            if override.is_sweep_override() and not {"-m", "--multirun"} & set(flags):
-                raise UserError(f"{override.input_line}: a comma makes this a list of values; quote the value if the "
-                                f"comma is part of it: \"{key}='...'\"")
             hydra_overrides += [] if override.is_sweep_override() else [override]
             continue
         values = _values(override)
@@ -155,10 +152,11 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
             added.append(key)
         elif not override.is_delete():
             key_overrides.append(key)
-    if sweeps and not {"-m", "--multirun"} & set(flags):
-        listed = next(o.input_line for o in parsed if len(_values(o)) > 1)
-        raise UserError(f"{listed} lists several values, which is a sweep: add -m for one run per value "
-                        "(lora train -m ...), or give one value (quoted if the comma is part of it: \"key='a, b'\")")
+    listed = next((o for o in parsed if o.is_sweep_override()), None)
+    if listed and not {"-m", "--multirun"} & set(flags):
+        raise UserError(f"{listed.input_line}: a comma makes this a list of values, which is a sweep: add -m for one "
+                        "run per value (lora train -m ...), or quote the value if the comma is part of it: "
+                        f"\"{listed.key_or_group}='...'\"")
     with initialize_config_dir(str(configs_dir), version_base="1.3"):
         try:
             skeleton = compose(config_name, overrides=group_choices)

@@ -5,7 +5,6 @@ are loaded: the model is built on the meta device, which is enough to count para
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -72,12 +71,12 @@ def estimate_memory(model, cfg: RunConfig, trainable: int, longest: int, most_la
 
 def steps_done(cfg: RunConfig, run_dir: Path | None) -> int:
     """The steps a resumed run has behind it (its checkpoint's), 0 for a new run."""
-    from lora_cli.checkpoint import STATE, resolve_resume
+    from lora_cli.checkpoint import resolve_resume, saved_state
 
     if cfg.resume is None or (cfg.resume == "auto" and run_dir is None):
         return 0
     found = resolve_resume(cfg.resume, run_dir or Path("."))
-    return json.loads((found / STATE).read_text())["state"]["step"] if found else 0
+    return saved_state(found)["state"]["step"] if found else 0
 
 
 def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:

@@ -7,6 +7,7 @@ depends on a job having finished well."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import shlex
@@ -122,12 +123,11 @@ def summarize(root: Path, metric: str = "eval_loss") -> list[dict]:
         raise UserError(f"{root} holds no lora-cli runs (no run.json or config.yaml + adapter/ below it)")
     check_summaries_are_ours(root)
     rows = sorted(with_swept([row(run, root) for run in runs]), key=sort_key(metric))
-    partial = root / ".summary.csv.partial"
-    with open(partial, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    partial.replace(root / "summary.csv")
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(root / "summary.csv", table.getvalue())
     plot(rows, metric, root / ".summary.partial.png")
     (root / ".summary.partial.png").replace(root / "summary.png")
     from lora_cli.report import leaderboard

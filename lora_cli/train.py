@@ -505,9 +505,9 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     stop = StopRequest()
-    evals = metrics.series("eval_loss")
-    with progress_bar(steps, state.step, not is_main, evals[-1][1] if evals else float("nan")) as (progress, task), \
-            stop.installed():
+    evals = metrics.series("eval_loss")  # the step-0 eval's, or a resumed run's last, shown from the start
+    bar = progress_bar(steps, completed=state.step, disable=not is_main, eval_loss=evals[-1][1] if evals else math.nan)
+    with bar as (progress, task), stop.installed():
         for step in range(state.step + 1, steps + 1):
             t0 = time.perf_counter()
             step_examples = take(train_split.examples, cfg.trainer.seed, state.consumed, step_size,
