@@ -80,7 +80,20 @@ def _load_file(path: Path, cfg: DatasetConfig):
         with _datasets_silenced():
             return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train", **options)
     except Exception as exc:
-        raise UserError(f"could not read dataset file {path}: {_first_line(exc)}; check its format") from None
+        where = _json_error(path) if path.suffix == ".json" else None
+        raise UserError(f"could not read dataset file {path}: {where or _first_line(exc)}; check its format") from None
+
+
+def _json_error(path: Path) -> str | None:
+    """Where a .json file stops being JSON, by line and column: the reader under `datasets` words its errors
+    differently from one pandas/pyarrow version to the next, and some name no place at all."""
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        return f"not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})"
+    except (OSError, UnicodeDecodeError, RecursionError):
+        return None
+    return None
 
 
 def _check_readable(path: Path) -> None:

@@ -30,6 +30,11 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def processes_on_this_machine() -> int:
+    """This machine's share of them (torchrun's LOCAL_WORLD_SIZE; 1 when not launched)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
 def rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
@@ -65,9 +70,24 @@ def distributed_type(config_file: Path) -> str:
     return found
 
 
+def check_gpus(processes_here: int, setting: str) -> None:
+    """On CUDA each process takes a GPU of its own: NCCL refuses two on one device, and only inside DDP's set-up,
+    with a traceback from every process. `setting` names what asked for the processes, for the message."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and processes_here > gpus:
+        raise UserError(f"{setting} starts {processes_here} processes on this machine, one per GPU, and it has "
+                        f"{gpus} GPU{'s' if gpus > 1 else ''}; start at most {gpus} per machine, or hide the GPUs "
+                        "(CUDA_VISIBLE_DEVICES=) to train that many processes on the CPU")
+
+
 def check_launcher(run: RunConfig) -> None:
-    """Before launching: the launcher file exists, this machine can run it, and the loop supports it."""
-    launcher = run.trainer.launcher
+    """Before launching: one GPU per process, the launcher file exists, this machine can run it, and the loop
+    supports it."""
+    trainer = run.trainer
+    check_gpus(trainer.num_processes // trainer.num_machines, f"trainer.num_processes={trainer.num_processes}")
+    launcher = trainer.launcher
     if launcher is None:
         return
     path = launcher_file(launcher)

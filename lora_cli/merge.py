@@ -69,7 +69,7 @@ def logits(model, batch: dict):
 def quantized_distance(run_dir: Path, cfg: RunConfig, probes: dict, reference) -> float:
     """How far the model as trained (4-bit base + adapter) is from the full-precision merge: the
     quantisation error the merged checkpoint removes. Expected non-zero; reported, never failed on."""
-    trained = load_adapted(run_dir, cfg)
+    trained = load_adapted(run_dir, cfg, device="cpu")
     return (logits(trained.model, probes) - reference).abs().max().item()
 
 
@@ -102,8 +102,10 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
     check_output(out_dir, run_dir, cfg.merge.overwrite)
     # Always merge in fp32, whatever the run trained in; merge.dtype only sets how the result is stored.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
-    # Never merge into a quantized base: a QLoRA run's base is re-loaded in full precision here.
-    adapted = load_adapted(run_dir, cfg, full_precision=True)
+    # Never merge into a quantized base: a QLoRA run's base is re-loaded in full precision here. On the CPU, even
+    # where there is a GPU: the check holds two full-precision copies of the model, and the CPU's memory is the
+    # larger; fp32 there is also the exact arithmetic the parity check needs (no TF32).
+    adapted = load_adapted(run_dir, cfg, full_precision=True, device="cpu")
     probes = probe_batch(cfg, adapted.tokenizer)
     reference = logits(adapted.model, probes)
     quantization_diff = quantized_distance(run_dir, cfg, probes, reference) if cfg.adapter.quantize else None

@@ -236,6 +236,14 @@ def quantization_config(quantize: str, double_quant: bool, on_cuda: bool, storag
                               bnb_4bit_compute_dtype=torch.bfloat16 if on_cuda else torch.float32, **packing)
 
 
+def default_device() -> str:
+    """Where one process computes when nothing else decides: the GPU if there is one. Training lets accelerate
+    place the model (one GPU per process); eval and generate load onto this."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_model(checkpoint: Checkpoint, cfg: ModelConfig, tokenizer=None, quantize: str | None = None,
                double_quant: bool = True, device=None, quant_storage: str | None = None):
     """The frozen base model, safetensors only (`use_safetensors=True` never falls back to pickle);

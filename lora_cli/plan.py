@@ -12,7 +12,7 @@ from lora_cli import adapters, flops
 from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
-from lora_cli.models import load_tokenizer, reading, resolve_checkpoint
+from lora_cli.models import default_device, load_tokenizer, reading, resolve_checkpoint
 from lora_cli.train import is_eval_step, mixed_precision, precision_name, predicted_labels, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -105,8 +105,7 @@ def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     eval_work = evals * flops.total(split_work(eval_split), sizes, backward=False)
     precision = precision_name(mixed_precision(cfg))
     # The training device's matmul speed (the GPU if there is one) in the dtype its linear layers compute in.
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    speed = EFFICIENCY[precision] * flops.matmul_speed(DTYPES[precision], device)
+    speed = EFFICIENCY[precision] * flops.matmul_speed(DTYPES[precision], default_device())
     longest = max(len(e["input_ids"]) for e in train_split.examples)
     return {
         "model": checkpoint.model_id, "adapter": f"{cfg.adapter.name} r={cfg.adapter.r}",
@@ -119,6 +118,7 @@ def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:
         "steps": steps, "steps_done": done, "examples_per_step": step_size,
         "epochs": round(steps * step_size / len(train_split.examples), 2),
         "trainable_params": trainable, "total_params": total,
+        "peak_memory_of": "GPU" if torch.cuda.is_available() else "RSS",  # the run's peak_memory key it estimates
         "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest, max(
             predicted_labels(e) for e in train_split.examples + eval_split.examples), held),
         "train_seconds": math.ceil(train_work / speed / cfg.trainer.num_processes),

@@ -77,7 +77,7 @@ def print_plan(plan: dict) -> None:
                   + (f"; resuming after step {plan['steps_done']:,}" if plan["steps_done"] else "")),
         ("trainable params", f"{plan['trainable_params']:,} of {plan['total_params']:,} "
                              f"({100 * plan['trainable_params'] / plan['total_params']:.2f}%)"),
-        ("peak memory", f"~{format_bytes(plan['peak_memory_bytes'])} (estimate)"),
+        ("peak memory", f"~{format_bytes(plan['peak_memory_bytes'])} {plan['peak_memory_of']} (estimate)"),
         ("time", f"~{format_seconds(plan['train_seconds'])} training, ~{format_seconds(plan['eval_seconds'])} for "
                  f"{plan['evals']} evals (estimate from this machine's matmul speed, measured in the run's precision)"),
     ]
@@ -225,7 +225,7 @@ def leaderboard(rows: list[dict], metric: str, root) -> None:
     """The runs, best first by `metric` (always shown), with what was swept (sweep.with_swept)."""
     table = Table(title=f"lora report: {escape(str(root))} (sorted by {metric})", title_justify="left")
     columns = ["run", "status", "swept", "variant", "r", "trainable_params", "train_loss", "eval_loss", "accuracy",
-               "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib"]
+               "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib", "peak_gpu_mib"]
     columns = [c for c in columns if c == metric or any(r.get(c) not in (None, "") for r in rows)]
     for column in columns:  # folded, not cut to "sta…", where a terminal is narrow
         table.add_column(column, justify="left" if column in ("run", "status", "swept", "variant") else "right",

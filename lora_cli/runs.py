@@ -11,7 +11,7 @@ from lora_cli.adapters.lora import prepare_4bit_base
 from lora_cli.artifacts import BASE_WEIGHTS
 from lora_cli.config import RunConfig, to_run_config
 from lora_cli.errors import UserError
-from lora_cli.models import Checkpoint, load_model, load_tokenizer, resolve_checkpoint
+from lora_cli.models import Checkpoint, default_device, load_model, load_tokenizer, resolve_checkpoint
 from lora_cli.overrides import hydra_quoted
 from lora_cli.report import console
 
@@ -200,10 +200,14 @@ def hold_as_trained(base, trained: dict) -> None:
             hold_in_fp32(module)
 
 
-def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) -> AdaptedModel:
-    """Base model + the run's adapter, in eval mode, the base loaded as it was trained (4-bit for QLoRA
-    unless `full_precision`). Warns if the base changed since training."""
+def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False,
+                 device: str | None = None) -> AdaptedModel:
+    """Base model + the run's adapter, in eval mode, on `device` (the GPU if there is one, as training used it),
+    the base loaded as it was trained (4-bit for QLoRA unless `full_precision`). Warns if the base changed since
+    training."""
     from peft import PeftModel
+
+    device = device or default_device()
 
     adapter_dir = check_adapter(run_dir)
     checkpoint = resolve_checkpoint(cfg.model)
@@ -211,7 +215,7 @@ def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) ->
     other_base = bool(recorded) and recorded != checkpoint.sha256
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     quantize = None if full_precision else cfg.adapter.quantize
-    base = prepare_4bit_base(load_model(checkpoint, cfg.model, tokenizer, quantize, cfg.adapter.double_quant))
+    base = prepare_4bit_base(load_model(checkpoint, cfg.model, tokenizer, quantize, cfg.adapter.double_quant, device))
     pristine = apply_base_weights(base, adapter_dir, required=cfg.adapter.name == "scalora")
     try:
         model = PeftModel.from_pretrained(base, adapter_dir)
@@ -226,5 +230,7 @@ def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False) ->
     if other_base:
         console.print(f"[yellow]warning: the base model's weights differ from those the adapter was trained on "
                       f"(sha256 {checkpoint.sha256[:12]} vs {recorded[:12]})[/]")
+    if not quantize:  # a 4-bit base is there already: bitsandbytes quantizes it on the device it loads onto
+        model.to(device)
     model.eval()
     return AdaptedModel(model, tokenizer, checkpoint, adapter_dir, pristine)

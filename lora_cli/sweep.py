@@ -22,7 +22,7 @@ from lora_cli.paths import write_atomic
 RUN_RECORD = "run.json"
 REFUSED = "refused"  # what a sweep job returns when its folder holds another run or the user's files
 METRICS = ["trainable_params", "train_loss", "eval_loss", "accuracy", "token_f1", "tokens_per_s", "wall_time_s",
-           "peak_rss_mib"]
+           "peak_rss_mib", "peak_gpu_mib"]
 COLUMNS = ["run", "status", "overrides", "swept", "variant", "r", "alpha", *METRICS, "eval_on", "reason"]
 HIGHER_IS_BETTER = {"accuracy", "token_f1", "tokens_per_s"}
 
@@ -47,7 +47,7 @@ def row(run_dir: Path, root: Path) -> dict:
     if record.get("eval_error") and not evaluation:  # trained, but the end-of-run evaluation did not finish
         record = {**record, "status": "eval unfinished", "reason": record["eval_error"]}
     adapter_metrics = evaluation.get("adapter", {})
-    rss = result.get("peak_memory", {}).get("RSS")
+    peak = result.get("peak_memory", {})
     logged = last_logged(run_dir)  # runs without run.json (an older layout) still have their metrics
     return {
         "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
@@ -58,9 +58,14 @@ def row(run_dir: Path, root: Path) -> dict:
         "eval_loss": adapter_metrics.get("eval_loss", result.get("eval_loss_after", logged.get("eval_loss"))),
         "accuracy": adapter_metrics.get("accuracy"), "token_f1": adapter_metrics.get("token_f1"),
         "tokens_per_s": result.get("tokens_per_s"), "wall_time_s": result.get("wall_time_s"),
-        "peak_rss_mib": rss / 2**20 if rss else None, "eval_on": eval_source(evaluation, result),
+        "peak_rss_mib": mib(peak.get("RSS")), "peak_gpu_mib": mib(peak.get("GPU")),
+        "eval_on": eval_source(evaluation, result),
         "reason": record.get("reason", ""),
     }
+
+
+def mib(size: float | None) -> float | None:
+    return size / 2**20 if size else None
 
 
 def eval_source(evaluation: dict, result: dict) -> str:

@@ -417,6 +417,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
 
     from lora_cli.artifacts import config_yaml
 
+    launched.check_gpus(launched.processes_on_this_machine(), "this launch")  # `accelerate launch` by hand
     started = time.perf_counter()
     artifacts.reset_peak_memory()
     if cfg.trainer.keep_freed_memory:

@@ -100,6 +100,22 @@ def test_sharding_launchers_on_a_cpu_only_machine_say_they_need_gpus(tmp_path, n
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("args", "env", "needle"), [
+    (["trainer.num_processes=2"], {}, "trainer.num_processes=2 starts 2 processes on this machine"),
+    ([], {"LOCAL_WORLD_SIZE": "2"}, "this launch starts 2 processes on this machine"),  # `accelerate launch` by hand
+], ids=["num_processes", "launched_by_hand"])
+def test_more_processes_than_gpus_is_one_line_not_nccls_traceback(tmp_path, monkeypatch, args, env, needle):
+    """Seen on a 1-GPU machine: two processes on one GPU failed inside DDP's set-up, NCCL's 'Duplicate GPU
+    detected' traceback from each process."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    proc = lora("train", *TINY, *args, f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, needle, "has 1 GPU;", "CUDA_VISIBLE_DEVICES=")
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
 def test_deepspeed_without_its_package_says_how_to_install_it(monkeypatch):
     import importlib.util
 

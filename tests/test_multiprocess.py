@@ -17,6 +17,9 @@ from safetensors.torch import load_file
 from lora_cli.launched import free_port
 from lora_cli.paths import shipped_dir
 
+# On CUDA each process needs its own GPU (a 1-GPU machine refuses two: test_launchers.py).
+pytestmark = pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two processes need two GPUs on CUDA")
+
 # Dropout off: N processes draw their masks from N generators, one process from one; with it on, the runs
 # would differ by more than summation order.
 BASE = [*TINY, "trainer.max_steps=5", "trainer.eval_every=5", "adapter.dropout=0", "trainer.save_every=2"]

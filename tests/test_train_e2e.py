@@ -152,7 +152,8 @@ def test_stock_peft_reloads_the_trained_model_exactly(tmp_path):
     adapter_dir = tmp_path / "adapter"
     base_path = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter_dir)
-    inputs = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
+    reloaded.to(trained.device)  # the GPU's, on CUDA
+    inputs = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(0)).to(trained.device)
     trained.eval()
     reloaded.eval()
     with torch.no_grad():

@@ -157,6 +157,8 @@ def test_a_bf16_base_loads_for_eval_as_it_trained(tmp_path, variant):
     _, trained = train(cfg, tmp_path, "lora train (test)")
     adapted = load_adapted(tmp_path, cfg).model
     tokens = torch.randint(0, trained.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    assert adapted.device == trained.device  # on CUDA, the GPU for both (eval had loaded onto the CPU)
     with torch.no_grad():
-        expected, got = trained.eval()(input_ids=tokens).logits, adapted(input_ids=tokens).logits
+        expected = trained.eval()(input_ids=tokens.to(trained.device)).logits
+        got = adapted(input_ids=tokens.to(adapted.device)).logits
     assert (expected.float() - got.float()).abs().max() <= 1e-3 * expected.float().abs().max()
