@@ -83,13 +83,16 @@ def check_gpus(processes_here: int, setting: str) -> None:
 
 
 def check_launcher(run: RunConfig) -> None:
-    """Before launching: one GPU per process, the launcher file exists, this machine can run it, and the loop
-    supports it."""
+    """Before launching: the launcher file exists, this machine can run it, the loop supports it, and each process
+    has a GPU of its own."""
     trainer = run.trainer
+    if trainer.launcher is not None:
+        check_launcher_file(run)
     check_gpus(trainer.num_processes // trainer.num_machines, f"trainer.num_processes={trainer.num_processes}")
-    launcher = trainer.launcher
-    if launcher is None:
-        return
+
+
+def check_launcher_file(run: RunConfig) -> None:
+    launcher = run.trainer.launcher
     path = launcher_file(launcher)
     if not path.is_file():
         raise UserError(f"trainer.launcher={launcher}: no such file; pass one of {', '.join(LAUNCHERS)} or the "

@@ -163,7 +163,7 @@ def test_merged_checkpoint_loads_without_lora_cli_and_matches(tiny_run, tmp_path
                             capture_output=True, text=True, cwd=tmp_path)
     assert loaded.returncode == 0, loaded.stderr
     merged = json.loads(loaded.stdout)
-    adapted = load_adapted(run_dir, load_run_config(run_dir, []))
+    adapted = load_adapted(run_dir, load_run_config(run_dir, []), device="cpu")  # where the subprocess computed
     with torch.no_grad():
         reference = adapted.model(input_ids=torch.tensor(ids)).logits
         greedy = adapted.model.generate(input_ids=torch.tensor(ids), max_new_tokens=8, do_sample=False,

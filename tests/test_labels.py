@@ -96,7 +96,8 @@ def test_tree_scores_equal_one_forward_per_label(adapted):
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         batch = torch.tensor([ids + path + [tokenizer.pad_token_id] * (width - len(path)) for _, path in paths])
         with torch.no_grad():  # the positions from the prompt's last token on
-            logprobs = model(input_ids=batch, logits_to_keep=width + 1).logits.log_softmax(-1)
+            logits = model(input_ids=batch.to(model.device), logits_to_keep=width + 1).logits
+            logprobs = logits.cpu().log_softmax(-1)
         expected = torch.full((len(LABELS),), -torch.inf)
         for i, (column, path) in enumerate(paths):
             path_logprob = sum(logprobs[i, j, t] for j, t in enumerate(path))
@@ -115,7 +116,8 @@ def test_constrained_decoding_is_greedy_over_the_trie(adapted):
         reply: list[int] = []
         while trie.label(reply) is None:
             with torch.no_grad():
-                logits = model(input_ids=torch.tensor([ids + reply]), logits_to_keep=1).logits[0, -1]
+                step = torch.tensor([ids + reply], device=model.device)
+                logits = model(input_ids=step, logits_to_keep=1).logits[0, -1].cpu()
             allowed = trie.allowed(reply)
             reply.append(allowed[int(logits[allowed].argmax())])
         expected.append(trie.label(reply))
