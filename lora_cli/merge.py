@@ -103,8 +103,8 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
     # Always merge in fp32, whatever the run trained in; merge.dtype only sets how the result is stored.
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
     # Never merge into a quantized base: a QLoRA run's base is re-loaded in full precision here. On the CPU, even
-    # where there is a GPU: the check holds two full-precision copies of the model, and the CPU's memory is the
-    # larger; fp32 there is also the exact arithmetic the parity check needs (no TF32).
+    # where there is a GPU: the parity check holds the model in fp32 twice over, which a GPU that trained it in
+    # bf16 or 4-bit may not fit, and the CPU's memory is the larger.
     adapted = load_adapted(run_dir, cfg, full_precision=True, device="cpu")
     probes = probe_batch(cfg, adapted.tokenizer)
     reference = logits(adapted.model, probes)
