@@ -24,6 +24,7 @@ from lora_cli.paths import cache_dir, locked, publish, staging_dir
 
 SOURCE_FILE = "lora_cli_source.json"  # written last into a cache entry: its presence means "complete"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+REMOTE_CODE_PATTERNS = ["*.py"]  # a model's own code, fetched only with model.trust_remote_code=true
 
 
 @dataclass(frozen=True)
@@ -164,18 +165,21 @@ def _pretrained_checkpoint(cfg: ModelConfig) -> Checkpoint:
         raise UserError(f"model.name_or_path={cfg.name_or_path!r}: no such folder; pass a local model "
                         "folder or a hub id like HuggingFaceTB/SmolLM2-135M-Instruct")
     else:
-        folder = _download(cfg.name_or_path, cfg.revision)
+        folder = _download(cfg.name_or_path, cfg.revision, cfg.trust_remote_code)
     if not any(folder.glob("*.safetensors")):
         raise UserError(f"{folder} has no *.safetensors weights; lora-cli loads safetensors only "
                         "(convert .bin weights with `transformers` save_pretrained first)")
     return Checkpoint(folder, cfg.name_or_path, sha256_weights(folder))
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, with_code: bool) -> Path:
+    """Weights as safetensors, config and tokenizer; no pickled weights. A repo whose model is its own code
+    needs that code too, and transformers looks for it beside the weights."""
     from huggingface_hub import snapshot_download
 
+    patterns = HUB_PATTERNS + (REMOTE_CODE_PATTERNS if with_code else [])
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, gated repo: all mean the same to the user
         raise UserError(f"could not get model {repo_id!r} from the hub ({type(exc).__name__}); "
                         "check the id and the network, or pass a local folder as model.name_or_path") from None

@@ -181,6 +181,31 @@ def test_hf_source_loads_a_local_folder(tmp_path, tiny_checkpoint):
     assert config["base_model_name_or_path"] == str(tiny_checkpoint.path)
 
 
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_a_hub_id_trains_on_what_the_hub_download_gives(tmp_path, tiny_checkpoint, monkeypatch, trust_remote_code):
+    """No hub here: the download is stood in for by the tiny model's folder. What is asked for is checked: weights
+    as safetensors (never pickles), and the repo's Python code only when the user trusts it (transformers needs it
+    beside the weights for such a model)."""
+    import huggingface_hub
+
+    asked = {}
+
+    def snapshot_download(repo_id, revision=None, allow_patterns=None, **_):
+        asked.update(repo_id=repo_id, revision=revision, patterns=allow_patterns)
+        return str(tiny_checkpoint.path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=2", "model=hf",
+                "model.name_or_path=someorg/tiny-llama", "model.revision=v1",
+                f"model.trust_remote_code={str(trust_remote_code).lower()}", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert asked["repo_id"] == "someorg/tiny-llama" and asked["revision"] == "v1"
+    assert "*.safetensors" in asked["patterns"] and not any("bin" in p or "pt" in p for p in asked["patterns"])
+    assert ("*.py" in asked["patterns"]) == trust_remote_code
+    assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] == str(
+        tiny_checkpoint.path)
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_glibc_accepts_the_allocator_settings():
     """trainer.keep_freed_memory's mallopt calls are all accepted (glibc refuses, returning 0, a threshold
