@@ -123,6 +123,22 @@ def claim_run_dir(run_dir: Path):
     return handle
 
 
+def held_by_a_run(run_dir: Path) -> bool:
+    """Whether a lora run holds run_dir now (claim_run_dir's lock is taken): it is still training."""
+    import fcntl
+
+    try:
+        handle = open(run_dir / LOCK_FILE)  # noqa: SIM115 (closed below; read-only, so nothing is truncated)
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+    return False
+
+
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:
     """The checkpoint folder to resume from: `auto` is the newest in run_dir (None if it has none yet)."""
     if resume is None:

@@ -70,9 +70,12 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
     from lora_cli.paths import shipped_dir
 
     path = run_dir / "config.yaml"
-    if not path.is_file():
-        from lora_cli.checkpoint import complete_checkpoints
+    if not path.is_file():  # written at the end, with the adapter
+        from lora_cli.checkpoint import complete_checkpoints, held_by_a_run
 
+        if held_by_a_run(run_dir):
+            raise UserError(f"{run_dir} is still training (a lora process holds it) and has no adapter yet; run "
+                            "this again when that run has finished")
         unfinished = complete_checkpoints(run_dir)
         if unfinished:
             raise UserError(f"{run_dir} holds an unfinished run (checkpoint {unfinished[-1].name}, no adapter yet); "

@@ -273,6 +273,26 @@ def test_a_failed_run_says_why_it_has_no_adapter(tmp_path):
                           "non-finite loss", "train it again")
 
 
+@pytest.mark.parametrize("command", [["eval"], ["generate", "prompt=hi"], ["merge", "output=merged"]])
+def test_a_run_still_training_is_not_called_unfinished(tmp_path, command):
+    """A run still going (its checkpoints there, its lock held) was told to `resume=auto`, which would have started
+    a second process on it."""
+    from lora_cli.checkpoint import claim_run_dir
+
+    finished, run_dir = tmp_path / "finished", tmp_path / "run"
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=2", "trainer.save_every=1",
+                f"hydra.run.dir={finished}")
+    assert proc.returncode == 0, proc.stderr
+    shutil.copytree(finished / "checkpoints", run_dir / "checkpoints")  # a run part-way: a checkpoint, no adapter
+    with claim_run_dir(run_dir):  # as the training process holds it
+        proc = lora(command[0], f"run={run_dir}", *command[1:], cwd=tmp_path)
+    assert_one_line_error(proc, "is still training", "when that run has finished")
+    assert not (tmp_path / "merged").exists()
+    # Once no process holds it, it is a run to finish.
+    assert_one_line_error(lora(command[0], f"run={run_dir}", *command[1:], cwd=tmp_path), "unfinished run",
+                          "resume=auto")
+
+
 def test_a_run_on_relative_paths_is_evaluated_from_anywhere(tmp_path):
     """config.yaml keeps local paths absolute, so eval (merge, generate, resume) finds the data from any working
     directory, not only the one training ran in."""
