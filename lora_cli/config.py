@@ -448,13 +448,15 @@ def to_run_config(cfg) -> RunConfig:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise UserError(f"{missing[0]} is not set; add {missing[0]}=VALUE to the command")
+    from lora_cli.overrides import one_line
+
     try:
+        missing = sorted(OmegaConf.missing_keys(cfg))  # resolves interpolations: a bad `${...}` fails here
+        if missing:
+            raise UserError(f"{missing[0]} is not set; add {missing[0]}=VALUE to the command")
         run = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
-        raise UserError(f"invalid config: {str(exc).splitlines()[0]}") from None
+        raise UserError(f"invalid config: {one_line(exc)}") from None
     return run.validate()
 
 

@@ -247,11 +247,25 @@ def _normalise_columns(ds, cfg: DatasetConfig):
 
     renames = column_renames(ds.column_names, cfg, str(cfg.path or cfg.hub_id))
     ds = ds.rename_columns(renames) if renames else ds
-    for name, feature in ds.features.items():
+    for name, feature in list(ds.features.items()):
         if isinstance(feature, ClassLabel):  # e.g. the hub's Banking77 stores intents as class ids
-            names = feature.names
-            ds = ds.map(lambda row, n=name, names=names: {n: names[row[n]]})
+            ds = _class_names(ds, name, feature)
     return ds
+
+
+def _class_names(ds, column: str, feature):
+    """A class-id column as its class names. The column's type must change with it: kept a ClassLabel, `datasets`
+    encodes the names straight back into ids, and the model would train on the digits."""
+    from datasets import Value
+
+    unlabelled = sum(1 for i in ds[column] if i is None or i < 0)
+    if unlabelled:
+        raise UserError(f"dataset {column!r} column: {unlabelled} row(s) have no class (-1 or empty); drop them or "
+                        "give them a class")
+    features = ds.features.copy()
+    features[column] = Value("string")
+    names = feature.names
+    return ds.map(lambda row: {column: names[row[column]]}, features=features)
 
 
 def eval_split_of(cfg: DatasetConfig) -> str | None:

@@ -206,12 +206,18 @@ def check_group(group: str, values: list[str], options: list[str]) -> None:
 
 
 def one_line(exc: Exception) -> str:
-    """Hydra and OmegaConf errors span lines; keep the message and the key it names."""
+    """Hydra and OmegaConf errors span lines; keep the message and the key it names, and for a `${...}` that does
+    not resolve, how to write one that is meant literally."""
+    from omegaconf.errors import InterpolationKeyError
+
     cause = exc.__cause__ or exc
     lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
     full_key = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("full_key:")), None)
     message = lines[0] if lines else type(exc).__name__
-    return f"{message} (key: {full_key})" if full_key and full_key not in message else message
+    message = f"{message} (key: {full_key})" if full_key and full_key not in message else message
+    if isinstance(cause, InterpolationKeyError):
+        message += "; ${...} refers to another key (${dataset.name}); write \\${...} for the text itself"
+    return message
 
 
 def run_dir(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: str = "train") -> str:
@@ -219,6 +225,11 @@ def run_dir(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: 
     from hydra import compose, initialize_config_dir
 
     _, overrides = split_argv(args)
+    from omegaconf.errors import OmegaConfBaseException
+
     with initialize_config_dir(str(configs_dir), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
-    return str(cfg.hydra.run.dir)
+    try:
+        return str(cfg.hydra.run.dir)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"invalid config: {one_line(exc)}") from None

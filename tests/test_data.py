@@ -95,6 +95,40 @@ def test_csv_cells_are_read_as_the_text_they_are(tmp_path):
     assert replies == {"00507", "None", "NA", "1.50"}
 
 
+def class_id_parquet(path, ids: list[int]) -> None:
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["card_lost", "refund", "other"])})
+    Dataset.from_dict({"text": [f"question {i}" for i in range(len(ids))], "label": ids},
+                      features=features).to_parquet(str(path))
+
+
+def test_class_id_columns_train_on_the_class_names(tmp_path, tokenizer):
+    """The hub's Banking77 stores intents as class ids. Mapped to names while the column stayed a ClassLabel,
+    `datasets` encoded them straight back: the model trained on replies "0", "1", "2"."""
+    path = tmp_path / "classes.parquet"
+    class_id_parquet(path, [0, 1, 2, 0, 1, 2, 0, 1, 2, 2])
+    cfg = compose_run(["dataset=banking77", f"dataset.path={path}", "dataset.eval_size=2"]).dataset
+    train, evaluation = load_train_eval(cfg)
+    replies = sorted(to_messages(row, cfg)[-1]["content"] for rows in (train, evaluation) for row in rows)
+    assert replies == sorted(["card_lost", "refund", "other"] * 3 + ["other"])
+    train_split, _, _ = prepare(cfg, tokenizer)
+    assert {label_text(tokenizer, e) for e in train_split.examples} <= {f"{n}<|im_end|>\n"
+                                                                       for n in ("card_lost", "refund", "other")}
+
+
+def test_rows_without_a_class_are_refused_not_given_the_last_one(tmp_path):
+    from conftest import TINY, lora
+    from test_cli import assert_one_line_error
+
+    path = tmp_path / "classes.parquet"
+    class_id_parquet(path, [0, 1, 2, 0, 1, -1, 0, 1, 2, 2])
+    proc = lora("train", *TINY, "dataset=banking77", f"dataset.path={path}", "dataset.eval_size=2",
+                f"hydra.run.dir={tmp_path / 'run'}")
+    assert_one_line_error(proc, "'category' column", "1 row(s) have no class")
+    assert not (tmp_path / "run").exists()
+
+
 def test_truncation_is_counted_and_empty_examples_dropped(tokenizer):
     cfg = compose_run(["dataset.max_seq_len=40"]).dataset
     long_reply = CHAT[:2] + [{"role": "assistant", "content": "word " * 100}]
