@@ -72,7 +72,7 @@ def _load_file(path: Path, cfg: DatasetConfig):
     if path.suffix == ".jsonl":
         _scan_jsonl(path, cfg)
     elif path.suffix == ".csv":
-        _check_csv_has_rows(path)
+        _scan_csv(path)
         options = _csv_as_text(path)
     from datasets import load_dataset
 
@@ -166,13 +166,28 @@ def _scan_jsonl(path: Path, cfg: DatasetConfig) -> None:
         raise UserError(f"dataset file {path} holds only blank lines; add one JSON object per line")
 
 
-def _check_csv_has_rows(path: Path) -> None:
-    """A header and nothing else: `datasets` would only say that the split "corresponds to no data"."""
-    with open(path, encoding="utf-8", errors="replace") as lines:
-        for count, _ in enumerate(line for line in lines if line.strip()):
-            if count == 1:
-                return
-    raise UserError(f"dataset file {path} has a header but no data rows; add examples, one per line")
+def _scan_csv(path: Path) -> None:
+    """Every row as wide as the header, and at least one. pandas takes a row's extra first field as its index
+    ("Hello, I lost my card,lost_card" trained on " I lost my card") and `datasets` would only say that a
+    header-only file "corresponds to no data"."""
+    import csv
+
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, [])
+        if "" in header:
+            raise UserError(f"{path}:1: the header has an empty column name (column {header.index('') + 1}); "
+                            "name every column, or remove the trailing comma")
+        rows = 0
+        for row in reader:
+            if not any(cell.strip() for cell in row):  # blank lines, which pandas skips too
+                continue
+            rows += 1
+            if len(row) != len(header):
+                raise UserError(f"{path}:{reader.line_num}: {len(row)} fields, the header has {len(header)}; a "
+                                'comma inside a cell needs the cell quoted ("Hello, I lost my card")')
+    if not rows:
+        raise UserError(f"dataset file {path} has a header but no data rows; add examples, one per line")
 
 
 def _csv_as_text(path: Path) -> dict:
