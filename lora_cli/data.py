@@ -454,7 +454,9 @@ def tokenize_conversation(messages: list[dict], tokenizer, train_on_prompt: bool
         labels.extend(ids if trainable or train_on_prompt else [IGNORE_INDEX] * len(ids))
 
     for i, message in enumerate(messages):
-        is_reply = message["role"] == "assistant"
+        # An assistant turn that opens the conversation (a greeting) answers nothing: it is context, as a prompt
+        # is, and a template cannot render the empty conversation before it.
+        is_reply = message["role"] == "assistant" and i > 0
         if is_reply:  # the "<|im_start|>assistant\n" header is prompt, not something to learn
             header = _render(tokenizer, messages[:i], add_generation_prompt=True, prefix=rendered)
             append(header[len(rendered):], trainable=False)
@@ -486,7 +488,13 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
 
 
 def _render(tokenizer, messages: list[dict], add_generation_prompt: bool, prefix: str) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    from jinja2 import TemplateError
+
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as exc:  # the template's own `raise_exception`: Gemma's takes no system turn, for one
+        raise UserError(f"the model's chat template refuses a conversation of the data: {_first_line(exc)}; make "
+                        "the data fit it (for a template without system turns: dataset.system_prompt=null)") from None
     if not text.startswith(prefix):
         raise UserError("the model's chat template renders earlier turns differently once later turns are "
                         "added, so prompt and reply tokens cannot be told apart; use single-turn data")

@@ -35,6 +35,35 @@ def test_only_the_reply_and_its_end_of_turn_are_labels(tokenizer):
     assert tokenizer.eos_token == "<|im_end|>"
 
 
+def test_an_opening_assistant_turn_is_context_not_a_reply(tokenizer):
+    """A conversation may open with the assistant's greeting; it answers nothing, and rendering "the turns before
+    it" meant rendering an empty conversation, which the template refuses (a traceback)."""
+    chat = [{"role": "assistant", "content": "Hello! How can I help?"}, *CHAT[1:]]
+    example = tokenize_conversation(chat, tokenizer, train_on_prompt=False)
+    assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert label_text(tokenizer, example) == "lost_or_stolen_card\nFreeze it in the app.<|im_end|>\n"
+
+
+def test_a_chat_template_that_refuses_the_data_says_so_in_one_line(tmp_path, tiny_checkpoint):
+    """Templates raise on conversations they do not take (Gemma's: no system turn; Mistral's: turns must
+    alternate), and the banking recipe always adds a system prompt."""
+    import shutil
+
+    from conftest import TINY, lora
+    from test_cli import assert_one_line_error
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint.path, model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}<turn>{{ m['role'] }}\n{{ m['content'] }}<end>\n{% endfor %}"
+        "{% if add_generation_prompt %}<turn>assistant\n{% endif %}")
+    args = ["train", "--dry-run", *TINY, "model=hf", f"model.name_or_path={model}"]
+    assert_one_line_error(lora(*args), "chat template refuses", "System role not supported",
+                          "dataset.system_prompt=null")
+    assert lora(*args, "dataset.system_prompt=null").returncode == 0
+
+
 def test_train_on_prompt_labels_everything(tokenizer):
     example = tokenize_conversation(CHAT, tokenizer, train_on_prompt=True)
     assert example["labels"] == example["input_ids"]
