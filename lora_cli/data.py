@@ -43,6 +43,10 @@ class TokenizedSplit:
     def label_tokens(self) -> int:
         return sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in self.examples)
 
+    @property
+    def longest(self) -> int:
+        return max((len(e["input_ids"]) for e in self.examples), default=0)
+
 
 # ---------------------------------------------------------------- loading
 

@@ -240,6 +240,20 @@ def quantization_config(quantize: str, double_quant: bool, on_cuda: bool, storag
                               bnb_4bit_compute_dtype=torch.bfloat16 if on_cuda else torch.float32, **packing)
 
 
+def check_positions(checkpoint: Checkpoint, cfg: ModelConfig, longest: int) -> None:
+    """An example longer than the model's positions: a model with learned positions (GPT-2's) indexes past its
+    table mid-run, a traceback at the first long batch; a RoPE model was never trained that far."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=cfg.trust_remote_code)
+    name = next((n for n in ("max_position_embeddings", "n_positions") if isinstance(getattr(config, n, None), int)),
+                None)
+    if name and longest > getattr(config, name):
+        limit = getattr(config, name)
+        raise UserError(f"the longest example is {longest} tokens and the model has {limit} positions ({name} in "
+                        f"its config.json); set dataset.max_seq_len={limit} or lower")
+
+
 def default_device() -> str:
     """Where one process computes when nothing else decides: the GPU if there is one. Training lets accelerate
     place the model (one GPU per process); eval and generate load onto this."""

@@ -12,7 +12,7 @@ from lora_cli import adapters, flops
 from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
-from lora_cli.models import default_device, load_tokenizer, reading, resolve_checkpoint
+from lora_cli.models import check_positions, default_device, load_tokenizer, reading, resolve_checkpoint
 from lora_cli.train import is_eval_step, mixed_precision, precision_name, predicted_labels, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -89,6 +89,7 @@ def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     resolving = max(0, resident_memory() - before)
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     train_split, eval_split, _ = prepare(cfg.dataset, tokenizer)
+    check_positions(checkpoint, cfg.model, max(train_split.longest, eval_split.longest))
     held = 0 if torch.cuda.is_available() else resident_memory() - resolving
     step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * cfg.trainer.num_processes
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
@@ -106,7 +107,7 @@ def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     precision = precision_name(mixed_precision(cfg))
     # The training device's matmul speed (the GPU if there is one) in the dtype its linear layers compute in.
     speed = EFFICIENCY[precision] * flops.matmul_speed(DTYPES[precision], default_device())
-    longest = max(len(e["input_ids"]) for e in train_split.examples)
+    longest = train_split.longest
     return {
         "model": checkpoint.model_id, "adapter": f"{cfg.adapter.name} r={cfg.adapter.r}",
         "precision": f"{precision} (trainer.precision={cfg.trainer.precision})",

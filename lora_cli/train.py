@@ -22,7 +22,7 @@ from lora_cli.checkpoint import TrainState
 from lora_cli.config import RunConfig, TrainerConfig
 from lora_cli.data import IGNORE_INDEX, TokenizedSplit, collate, micro_batches, prepare, take
 from lora_cli.errors import Interrupted, UserError
-from lora_cli.models import attention_in_fp32, load_model, load_tokenizer, resolve_checkpoint
+from lora_cli.models import attention_in_fp32, check_positions, load_model, load_tokenizer, resolve_checkpoint
 from lora_cli.report import console, print_data_plan, print_summary, progress_bar
 
 
@@ -443,6 +443,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     train_split, eval_split, data_fingerprint = prepare(cfg.dataset, tokenizer)
     if resume_from:
         checkpoint.check_same_data(resume_from, data_fingerprint)
+    check_positions(base, cfg.model, max(train_split.longest, eval_split.longest))
     step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * world  # examples per optimizer step
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
     # Sharded parameters are gathered by hooks on the modules whose forward runs; the fused LoRA layer reads
