@@ -71,17 +71,19 @@ def _split_file(folder: Path, split: str) -> Path:
 
 def _load_file(path: Path, cfg: DatasetConfig):
     """Check the file before `datasets` reads it: its reader's errors span lines and lack line numbers."""
+    from datasets import Dataset, load_dataset
+
     _check_readable(path)
-    options = {}
+    rows, options = None, {}
     if path.suffix == ".jsonl":
-        _scan_jsonl(path, cfg)
+        rows = _scan_jsonl(path, cfg)
     elif path.suffix == ".csv":
         _scan_csv(path)
         options = _csv_as_text(path)
-    from datasets import load_dataset
-
     try:
         with _datasets_silenced():
+            if rows is not None:
+                return Dataset.from_list(rows)
             return load_dataset(FILE_BUILDERS[path.suffix], data_files=str(path), split="train", **options)
     except Exception as exc:
         where = _json_error(path) if path.suffix == ".json" else None
@@ -146,11 +148,12 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _scan_jsonl(path: Path, cfg: DatasetConfig) -> None:
-    """Every line of a JSONL file parsed and checked as a row, so a bad one is named by file and line number.
-
-    One pass with `json.loads` per line, nothing kept: cheap next to `datasets`' own parsing."""
-    rows = 0
+def _scan_jsonl(path: Path, cfg: DatasetConfig) -> list[dict]:
+    """Every line of a JSONL file parsed and checked as a row, so a bad one is named by file and line number;
+    the rows, with numbers and booleans as the text the file has. Read by `datasets`, a column's type was
+    inferred: a completion column of 3 and 2.5 trained on "3.0", 12345678901234567 on "1.2345678901234568e+16",
+    true on "True"."""
+    rows = []
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, 1):
             try:
@@ -159,15 +162,15 @@ def _scan_jsonl(path: Path, cfg: DatasetConfig) -> None:
                 raise UserError(f"{path}:{number}: not UTF-8 text; save the file as UTF-8 JSON Lines") from None
             if not text.strip():
                 continue
-            rows += 1
-            raw = _json_row(text, path, number)
+            raw = {k: json.dumps(v) if isinstance(v, bool) else v for k, v in _json_row(text, path, number).items()}
             renames = column_renames(list(raw), cfg, f"{path}:{number}")
-            row = {renames.get(k, k): v for k, v in raw.items()}
-            problem = _row_problem(row, cfg)
+            problem = _row_problem({renames.get(k, k): v for k, v in raw.items()}, cfg)
             if problem:
                 raise UserError(f"{path}:{number}: {problem}")
-    if rows == 0:
+            rows.append(raw)
+    if not rows:
         raise UserError(f"dataset file {path} holds only blank lines; add one JSON object per line")
+    return rows
 
 
 def _scan_csv(path: Path) -> None:
@@ -208,7 +211,7 @@ def _csv_as_text(path: Path) -> dict:
 
 def _json_row(text: str, path: Path, number: int) -> dict:
     try:
-        row = json.loads(text)
+        row = json.loads(text, parse_int=str, parse_float=str)  # numbers as written: they are text to a model
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix that line or "
                         "remove it (JSON Lines: one complete JSON object per line)") from None
@@ -396,6 +399,9 @@ def _row_problem(row: dict, cfg: DatasetConfig) -> str | None:
         return _messages_problem(row[cfg.messages_column], cfg.messages_column)
     if row[cfg.prompt_column] is None:
         return f"{cfg.prompt_column} is empty (null); fill it in or drop the row"
+    nested = next((c for c in (cfg.prompt_column, cfg.completion_column) if isinstance(row[c], dict | list)), None)
+    if nested:
+        return f"{nested} must be text, not {_shown(row[nested])}; write it as a string"
     completion = row[cfg.completion_column]
     if completion is None or not str(completion).strip():
         return f"{cfg.completion_column} is empty, so there is nothing to learn; fill it in or drop the row"

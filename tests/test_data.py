@@ -124,6 +124,20 @@ def test_csv_cells_are_read_as_the_text_they_are(tmp_path):
     assert replies == {"00507", "None", "NA", "1.50"}
 
 
+def test_jsonl_numbers_and_booleans_are_read_as_the_text_they_are(tmp_path):
+    """`datasets` inferred a column type: in a completion column holding 3 and 2.5 the 3 trained as "3.0", a long
+    integer in a column with a float lost its digits, and true trained as "True"."""
+    path = tmp_path / "numbers.jsonl"
+    replies = ["3", "2.5", "12345678901234567", "1.50", "1e3", "true", '"00507"']  # as written in the file
+    lines = [f'{{"prompt": "question {i}", "completion": {reply}}}' for i, reply in enumerate(replies)]
+    path.write_text("\n".join(lines) + "\n")
+    cfg = compose_run(["dataset=jsonl", f"dataset.path={path}", "dataset.format=columns",
+                       "dataset.eval_size=1"]).dataset
+    train, evaluation = load_train_eval(cfg)
+    assert {to_messages(row, cfg)[-1]["content"] for rows in (train, evaluation) for row in rows} == {
+        reply.strip('"') for reply in replies}
+
+
 def class_id_parquet(path, ids: list[int]) -> None:
     from datasets import ClassLabel, Dataset, Features, Value
 
