@@ -172,7 +172,14 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
                 compose(config_name, overrides=[*all_choices[:index], choice, *all_choices[index + 1:]])
             return compose(config_name, overrides=all_choices)
         except (HydraException, OmegaConfBaseException) as exc:
-            raise UserError(f"invalid override: {one_line(exc)}") from None
+            raise UserError(f"invalid override: {one_line(exc)}{map_hint(str(exc.__cause__ or exc))}") from None
+
+
+def map_hint(message: str) -> str:
+    """`dataset.rename_columns={question:prompt}` is refused key by key ("Key 'question' is not in struct"): the
+    map takes its entries one by one, with '+'."""
+    key = re.search(r"full_key: (\S+)", message)
+    return f"; add a map's entries one by one: +{key[1]}=..." if key and key[1].startswith(ADDED_MAPS) else ""
 
 
 def check_hydra_overrides(compose, config_name: str, group_choices: list[str], overrides: list) -> None:
