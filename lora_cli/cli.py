@@ -184,16 +184,19 @@ def given_run_dir(args: list[str], configs: Path, recipes: Path) -> str | None:
 
 
 def preflight(run, run_dir: str | None) -> None:
-    """The checks that need no model, made before Hydra creates a run dir: the launcher, the run dir's rules,
-    the checkpoint to resume from, the data files and their rows."""
+    """The checks that need no model, made before Hydra creates a run dir: the launcher, the end-of-run eval's
+    label mode, the run dir's rules, the checkpoint to resume from, the data files and their rows."""
     from lora_cli.artifacts import config_yaml
     from lora_cli.checkpoint import check_run_dir, check_same_run, resolve_resume
     from lora_cli.config import with_absolute_paths
     from lora_cli.data import load_train_eval
+    from lora_cli.labels import check_label_mode
     from lora_cli.launched import check_launcher
     from lora_cli.report import quiet_libraries
 
     check_launcher(run)
+    if run.trainer.eval_at_end:  # else a label mode that cannot score this dataset fails after the training
+        check_label_mode(run.eval.label_mode, run.dataset, "eval.label_mode")
     if run_dir:
         check_run_dir(Path(run_dir), run.resume)
     elif run.resume == "auto":
