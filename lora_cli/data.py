@@ -420,6 +420,9 @@ def _messages_problem(turns, column: str) -> str | None:
     if "assistant" not in roles:
         return (f"no assistant turn in {column} (roles: {', '.join(roles)}), so there is nothing to learn; "
                 "add the reply as a turn with role \"assistant\"")
+    if "assistant" not in roles[1:]:  # an opening assistant turn answers nothing (tokenize_conversation)
+        return (f"the only assistant turn in {column} opens the conversation, so it answers nothing and there is "
+                "nothing to learn; add the user's turn before it")
     empty = [i for i, turn in enumerate(turns) if turn["role"] == "assistant" and not turn["content"].strip()]
     if empty:
         return f"{column}[{empty[0]}] is an empty assistant reply, so there is nothing to learn; fill it in"
