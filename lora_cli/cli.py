@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("lora: interrupted\n")
         return 130
+    except BrokenPipeError:  # the reader left (`lora generate ... | head -n 1`): stop quietly, as `yes | head` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush finds no closed pipe
+        return 141  # 128 + SIGPIPE, what a shell reports for such a writer
 
 
 def run_train(args: list[str]) -> int:

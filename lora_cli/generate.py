@@ -28,6 +28,16 @@ from lora_cli.runs import base_only, load_adapted
 RUNNERS_UP = 5  # labels shown with their shares under label_mode=score
 
 
+def not_utf8(text: str) -> bool:
+    """Python reads bytes that are not UTF-8 (a Latin-1 terminal's é) as lone surrogates, which the tokenizer
+    refuses with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def reply(model, tokenizer, messages: list[dict], cfg: GenerateConfig) -> str:
     """Stream one assistant turn to stdout and return its text."""
     import torch
@@ -67,6 +77,8 @@ def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
     if prompt is not None and not prompt.strip():  # as the chat skips a blank line
         raise UserError('prompt= is empty; pass the message to answer (prompt="I lost my card"), or leave prompt= '
                         "out to chat")
+    if prompt is not None and not_utf8(prompt):
+        raise UserError("prompt= is not UTF-8 text (the terminal or the script sent other bytes); pass it as UTF-8")
     adapted = load_adapted(run_dir, cfg)
     model, tokenizer = adapted.model, adapted.tokenizer
     trie = build_trie(tokenizer, load_labels(cfg.dataset)) if mode != "generate" else None
@@ -90,6 +102,9 @@ def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
                 print()
                 return
             if not line.strip():
+                continue
+            if not_utf8(line):
+                print("that line is not UTF-8 text (the terminal sent other bytes); type it again", file=sys.stderr)
                 continue
             history.append({"role": "user", "content": line})
             history.append({"role": "assistant", "content": answer(history)})

@@ -389,6 +389,34 @@ def test_generate_chat_loop_ends_at_end_of_input(tiny_run):
     assert chat.stdout.count("you> ") == 3  # two turns, then the prompt that met end-of-input
 
 
+def test_generate_takes_bytes_that_are_not_utf8_without_a_traceback(tiny_run):
+    """A Latin-1 terminal's é reaches Python as a lone surrogate, which the tokenizer refused with a TypeError:
+    the one prompt is refused in one line; in a chat, the line is skipped and the chat goes on."""
+    from conftest import LORA
+
+    run = f"run={tiny_run[0]}"
+    assert_one_line_error(lora("generate", run, "prompt=caf\udce9"), "prompt= is not UTF-8 text")
+    chat = subprocess.run([str(LORA), "generate", run, "generate.max_new_tokens=3"], input=b"caf\xe9\nhello\n",
+                          capture_output=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr.decode()
+    assert b"not UTF-8 text" in chat.stderr and b"Traceback" not in chat.stderr
+    assert chat.stdout.count(b"you> ") == 3  # the bad line, the good one, then end-of-input
+
+
+def test_generate_into_a_pipe_closed_early_stops_quietly(tiny_run):
+    """`lora generate ... | head -n 1`, the natural way to take a label: the reader leaves while the reply streams.
+    A BrokenPipeError traceback, exit 1; now what a shell shows for a writer whose reader left."""
+    from conftest import LORA
+
+    process = subprocess.Popen([str(LORA), "generate", f"run={tiny_run[0]}", "prompt=I lost my card",
+                                "generate.max_new_tokens=300"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.read(1)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_eval_config_overrides_are_checked(tiny_run):
     cfg = compose_run(["eval.batch_size=4"])
     assert cfg.eval.batch_size == 4
