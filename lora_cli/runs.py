@@ -18,6 +18,7 @@ from lora_cli.report import console
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # After training, "the split" is the one to measure: `lora eval run=... dataset.split=test`.
 KEY_ALIASES = {"dataset.split": "dataset.eval_split"}
+TRAINING_CAPS = ("dataset.max_train_examples", "dataset.max_eval_examples")  # eval reads the whole split
 # The adapter is what the run trained: of its keys, only how the base is loaded under it may change afterwards
 # (e.g. a LoRA adapter measured on a 4-bit base: adapter.quantize=nf4). A QLoRA run keeps its 4-bit base in eval
 # and generate (adapter=qlora needs one); `lora merge` loads every base in full precision.
@@ -107,6 +108,9 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
         if key == "trainer" or key.startswith("trainer."):
             raise UserError(f"{override.input_line}: training settings change nothing after training; eval, generate "
                             "and merge take eval.*, generate.* and merge.* (e.g. eval.batch_size)")
+        if key in TRAINING_CAPS:  # `lora eval` reads the whole split: the cap was ignored without a word
+            raise UserError(f"{override.input_line}: a cap on training's data, which `lora eval` does not apply; "
+                            "set eval.max_samples=N to evaluate on N examples")
         try:
             if key in groups:
                 value = override.get_value_element_as_str()

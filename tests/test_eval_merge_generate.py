@@ -238,6 +238,9 @@ def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_pa
     for override in ("trainer.lr=1", "trainer.batch_size=4", "trainer=default"):
         assert_one_line_error(lora("eval", f"run={run_dir}", override), override, "eval.batch_size")
     assert_one_line_error(lora("eval", f"run={run_dir}", "~dataset"), "~dataset", "keeps every key")
+    # Training's data caps were ignored by eval without a word (the whole split, up to half an hour on Banking77).
+    for override in ("dataset.max_eval_examples=2", "dataset.max_train_examples=2"):
+        assert_one_line_error(lora("eval", f"run={run_dir}", override), override, "eval.max_samples=N")
     assert load_run_config(run_dir, ["adapter.quantize=nf4"]).adapter.quantize == "nf4"
     # A max_seq_len that leaves nothing to score: the same one-line reason training gives, nothing written.
     assert_one_line_error(lora("eval", f"run={run_dir}", "dataset.max_seq_len=8"), "(eval split)",
