@@ -34,14 +34,32 @@ def write_run_record(run_dir: Path, record: dict) -> None:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run dirs under `root` (itself included): folders a `lora train` job wrote its record or config into."""
+    """Run dirs under `root` (itself included): folders a `lora train` job wrote its record or config into, and
+    runs with checkpoints but neither yet (killed, or still training)."""
     found = {p.parent for p in root.rglob(RUN_RECORD)} | {p.parent for p in root.rglob("config.yaml")
                                                            if (p.parent / "adapter").is_dir()}
+    found |= {p.parents[2] for p in root.rglob("checkpoints/step-*/state.json")}
     return sorted(found)
 
 
+def record_of(run_dir: Path) -> dict:
+    """The run's run.json; for a run without one, what its folder says: finished (an older layout), still
+    training (it holds its lock), or stopped part-way (checkpoints, no adapter)."""
+    from lora_cli.checkpoint import held_by_a_run
+    from lora_cli.overrides import hydra_quoted
+
+    if (run_dir / RUN_RECORD).is_file():
+        return read_json(run_dir / RUN_RECORD)
+    if (run_dir / "adapter").is_dir() and (run_dir / "config.yaml").is_file():
+        return {"status": "complete"}
+    if held_by_a_run(run_dir):
+        return {"status": "running", "reason": "still training"}
+    return {"status": "unfinished", "reason": "stopped before it saved an adapter; finish it: lora train <its "
+            f"overrides> resume=auto hydra.run.dir={hydra_quoted(str(run_dir))}"}
+
+
 def row(run_dir: Path, root: Path) -> dict:
-    record = read_json(run_dir / RUN_RECORD) if (run_dir / RUN_RECORD).is_file() else {"status": "complete"}
+    record = record_of(run_dir)
     result = record.get("result", {})
     evaluation = read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else {}
     if record.get("eval_error") and not evaluation:  # trained, but the end-of-run evaluation did not finish
