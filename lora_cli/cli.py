@@ -430,7 +430,7 @@ def run_on_finished_run(command: str, args: list[str]) -> int:
     if command == "eval":
         from lora_cli.evaluate import evaluate_run
 
-        evaluate_run(run_dir, cfg)
+        evaluate_run(run_dir, cfg, rest)
     elif command == "generate":
         from lora_cli.generate import generate
 

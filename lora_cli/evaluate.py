@@ -205,7 +205,9 @@ def trained_on(run_dir: Path, conversations: list[list[dict]]) -> int | None:
     return sum(conversation_text(messages) in texts for messages in conversations)
 
 
-def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
+def evaluate_run(run_dir: Path, cfg: RunConfig, overrides: list[str] | None = None) -> dict:
+    """`overrides`: those given to `lora eval` on top of the run's config, recorded with the numbers (a 4-bit
+    base, other data), which `lora report` then shows as the run's."""
     started = time.perf_counter()
     mode, metric = cfg.eval.label_mode, cfg.dataset.task_metric
     check_label_mode(mode, cfg.dataset, "eval.label_mode")
@@ -248,7 +250,9 @@ def evaluate_run(run_dir: Path, cfg: RunConfig) -> dict:
         "samples": samples[: cfg.eval.show_samples],
         "settings": {"max_samples": cfg.eval.max_samples, "batch_size": cfg.eval.batch_size,
                      "max_new_tokens": cfg.eval.max_new_tokens, "max_seq_len": cfg.dataset.max_seq_len,
-                     "label_mode": mode},
+                     "label_mode": mode, "base_model": adapted.checkpoint.model_id, "model_dtype": cfg.model.dtype,
+                     "quantize": cfg.adapter.quantize},
+        "overrides": list(overrides or []),
     }
     if metric == "exact_match":
         report["confusion_png"] = str(run_dir / "confusion.png")
@@ -281,6 +285,8 @@ def update_model_card(card: Path, report: dict) -> None:
              "| | base model | with adapter |", "| --- | --- | --- |"]
     lines += [f"| {name} | {fmt.format(report['base'][key])} | {fmt.format(report['adapter'][key])} |"
               for name, key, fmt in rows]
+    if report.get("overrides"):
+        lines += ["", f"Evaluated with overrides of the run's config: `{' '.join(report['overrides'])}`."]
     if report.get("trained_on"):
         lines += ["", f"{report['trained_on']} of these {report['examples']} examples were in the run's training "
                   "data: these numbers flatter the adapter."]

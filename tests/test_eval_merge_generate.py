@@ -43,6 +43,8 @@ def test_eval_reports_base_and_adapter_side_by_side(tiny_run):
     assert len(report["samples"]) == 2 and {"prompt", "gold", "base", "adapter"} <= set(report["samples"][0])
     assert "## Evaluation" in (run_dir / "README.md").read_text()
     assert report["trained_on"] == 0 and "training data" not in proc.stderr
+    assert report["overrides"] == EVAL_FAST
+    assert report["settings"]["base_model"] == "tiny-llama" and report["settings"]["quantize"] is None
 
 
 def test_eval_on_examples_the_run_trained_on_says_so(tiny_run, tmp_path):
@@ -57,6 +59,10 @@ def test_eval_on_examples_the_run_trained_on_says_so(tiny_run, tmp_path):
     assert report["trained_on"] == report["examples"] == 12
     assert "warning: 12 of these 12 eval examples are in the run's training data" in " ".join(proc.stderr.split())
     assert "12 of these 12 examples were in the run's training data" in (run_dir / "README.md").read_text()
+    # What the numbers were measured on travels with them (they become the run's row in `lora report`).
+    assert report["overrides"] == ["dataset.eval_split=train", *EVAL_FAST]
+    assert f"overrides of the run's config: `dataset.eval_split=train {' '.join(EVAL_FAST)}`" in \
+        (run_dir / "README.md").read_text()
 
 
 @pytest.mark.skipif(not BANKING77.is_dir(), reason="needs ../shared/data/banking77")
