@@ -43,7 +43,7 @@ from lora_cli.labels import (
     render_prompts,
 )
 from lora_cli.paths import write_atomic
-from lora_cli.report import eval_table, progress_steps
+from lora_cli.report import console, eval_table, progress_steps
 from lora_cli.runs import base_only, load_adapted, load_run_config
 from lora_cli.train import evaluate_loss
 
@@ -223,6 +223,10 @@ def evaluate_run(run_dir: Path, cfg: RunConfig, overrides: list[str] | None = No
     prompts, golds = (list(part) for part in zip(*map(split_at_last_reply, conversations), strict=True))
     trie = build_trie(tokenizer, labels) if mode != "generate" else None
     split = tokenize_nonempty(conversations, tokenizer, cfg.dataset, f"dataset {cfg.dataset.name!r} (eval split)")
+    if split.dropped:
+        console.print(f"[yellow]warning: {split.dropped} of {len(conversations)} eval examples keep no reply token "
+                      f"within dataset.max_seq_len={cfg.dataset.max_seq_len}: the loss leaves them out (the task "
+                      "metric does not)[/]")
     examples = sorted(split.examples, key=lambda e: len(e["input_ids"]))
     batches = [collate(examples[i:i + cfg.eval.batch_size], pad_id=tokenizer.pad_token_id)
                for i in range(0, len(examples), cfg.eval.batch_size)]
@@ -245,7 +249,8 @@ def evaluate_run(run_dir: Path, cfg: RunConfig, overrides: list[str] | None = No
     split_name = eval_split_of(cfg.dataset) or f"held-out {cfg.dataset.eval_size} of {cfg.dataset.train_split}"
     report = {
         "run_dir": str(run_dir), "dataset": cfg.dataset.name, "split": split_name,
-        "examples": len(golds), "trained_on": overlap, "metric": metric, "label_mode": mode, "decoding": DECODING[mode],
+        "examples": len(golds), "loss_examples": len(split.examples), "trained_on": overlap, "metric": metric,
+        "label_mode": mode, "decoding": DECODING[mode],
         "labels": len(labels), "base": results["base"], "adapter": results["adapter"],
         "samples": samples[: cfg.eval.show_samples],
         "settings": {"max_samples": cfg.eval.max_samples, "batch_size": cfg.eval.batch_size,

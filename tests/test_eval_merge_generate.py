@@ -47,6 +47,19 @@ def test_eval_reports_base_and_adapter_side_by_side(tiny_run):
     assert report["settings"]["base_model"] == "tiny-llama" and report["settings"]["quantize"] is None
 
 
+def test_eval_says_when_its_loss_leaves_out_examples(tiny_run, tmp_path):
+    """Examples that dataset.max_seq_len cuts to no reply token have no loss, while the task metric still counts
+    them: the loss covered fewer examples than the table's count, without a word."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run[0], run_dir)
+    proc = lora("eval", f"run={run_dir}", "dataset.max_seq_len=55", *EVAL_FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert 0 < report["loss_examples"] < report["examples"] == 12
+    dropped = report["examples"] - report["loss_examples"]
+    assert f"warning: {dropped} of 12 eval examples keep no reply token" in " ".join(proc.stderr.split())
+
+
 def test_eval_on_examples_the_run_trained_on_says_so(tiny_run, tmp_path):
     """An eval override can pick training examples (here the train split itself; also `dataset.eval_split=null`
     after training on an eval file): the report counts them against the run's own training data, caps included,
