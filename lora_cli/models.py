@@ -245,7 +245,8 @@ def check_positions(checkpoint: Checkpoint, cfg: ModelConfig, longest: int) -> N
     table mid-run, a traceback at the first long batch; a RoPE model was never trained that far."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=cfg.trust_remote_code)
+    with reading("config", checkpoint.path, cfg):
+        config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=cfg.trust_remote_code)
     name = next((n for n in ("max_position_embeddings", "n_positions") if isinstance(getattr(config, n, None), int)),
                 None)
     if name and longest > getattr(config, name):
