@@ -247,10 +247,9 @@ def check_positions(checkpoint: Checkpoint, cfg: ModelConfig, longest: int) -> N
 
     with reading("config", checkpoint.path, cfg):
         config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=cfg.trust_remote_code)
-    name = next((n for n in ("max_position_embeddings", "n_positions") if isinstance(getattr(config, n, None), int)),
-                None)
-    if name and longest > getattr(config, name):
-        limit = getattr(config, name)
+    name, limit = next(((n, v) for n in ("max_position_embeddings", "n_positions")
+                        if isinstance(v := getattr(config, n, None), int)), (None, None))
+    if limit and longest > limit:
         raise UserError(f"the longest example is {longest} tokens and the model has {limit} positions ({name} in "
                         f"its config.json); set dataset.max_seq_len={limit} or lower")
 

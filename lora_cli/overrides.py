@@ -172,14 +172,7 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
                 compose(config_name, overrides=[*all_choices[:index], choice, *all_choices[index + 1:]])
             return compose(config_name, overrides=all_choices)
         except (HydraException, OmegaConfBaseException) as exc:
-            raise UserError(f"invalid override: {one_line(exc)}{map_hint(str(exc.__cause__ or exc))}") from None
-
-
-def map_hint(message: str) -> str:
-    """`dataset.rename_columns={question:prompt}` is refused key by key ("Key 'question' is not in struct"): the
-    map takes its entries one by one, with '+'."""
-    key = re.search(r"full_key: (\S+)", message)
-    return f"; add a map's entries one by one: +{key[1]}=..." if key and key[1].startswith(ADDED_MAPS) else ""
+            raise UserError(f"invalid override: {one_line(exc)}") from None
 
 
 def check_hydra_overrides(compose, config_name: str, group_choices: list[str], overrides: list) -> None:
@@ -213,8 +206,9 @@ def check_group(group: str, values: list[str], options: list[str]) -> None:
 
 
 def one_line(exc: Exception) -> str:
-    """Hydra and OmegaConf errors span lines; keep the message and the key it names, and for a `${...}` that does
-    not resolve, how to write one that is meant literally."""
+    """Hydra and OmegaConf errors span lines; keep the message and the key it names, and the fix where the key
+    says it: a `${...}` that does not resolve (how to write one meant literally), a map given whole
+    (`dataset.rename_columns={question:prompt}` is refused key by key: it takes its entries one by one)."""
     from omegaconf.errors import InterpolationKeyError
 
     cause = exc.__cause__ or exc
@@ -224,6 +218,8 @@ def one_line(exc: Exception) -> str:
     message = f"{message} (key: {full_key})" if full_key and full_key not in message else message
     if isinstance(cause, InterpolationKeyError):
         message += "; ${...} refers to another key (${dataset.name}); write \\${...} for the text itself"
+    elif full_key and full_key.startswith(ADDED_MAPS):
+        message += f"; add a map's entries one by one: +{full_key}=..."
     return message
 
 
