@@ -77,6 +77,8 @@ def _load_file(path: Path, cfg: DatasetConfig):
     rows, options = None, {}
     if path.suffix == ".jsonl":
         rows = _scan_jsonl(path, cfg)
+    elif path.suffix == ".json":
+        rows = _json_array(path, cfg)  # None for another layout, which `datasets` reads (or reports)
     elif path.suffix == ".csv":
         _scan_csv(path)
         options = _csv_as_text(path)
@@ -150,7 +152,7 @@ def _first_line(exc: BaseException) -> str:
 
 def _scan_jsonl(path: Path, cfg: DatasetConfig) -> list[dict]:
     """Every line of a JSONL file parsed and checked as a row, so a bad one is named by file and line number;
-    the rows, with numbers and booleans as the text the file has. Read by `datasets`, a column's type was
+    the rows, with numbers and booleans as the text the file has (`_json_row`). Read by `datasets`, a column's type was
     inferred: a completion column of 3 and 2.5 trained on "3.0", 12345678901234567 on "1.2345678901234568e+16",
     true on "True"."""
     rows = []
@@ -162,15 +164,36 @@ def _scan_jsonl(path: Path, cfg: DatasetConfig) -> list[dict]:
                 raise UserError(f"{path}:{number}: not UTF-8 text; save the file as UTF-8 JSON Lines") from None
             if not text.strip():
                 continue
-            raw = {k: json.dumps(v) if isinstance(v, bool) else v for k, v in _json_row(text, path, number).items()}
-            renames = column_renames(list(raw), cfg, f"{path}:{number}")
-            problem = _row_problem({renames.get(k, k): v for k, v in raw.items()}, cfg)
-            if problem:
-                raise UserError(f"{path}:{number}: {problem}")
-            rows.append(raw)
+            rows.append(_checked_row(_json_row(text, path, number), cfg, f"{path}:{number}"))
     if not rows:
         raise UserError(f"dataset file {path} holds only blank lines; add one JSON object per line")
     return rows
+
+
+def _json_array(path: Path, cfg: DatasetConfig) -> list[dict] | None:
+    """A .json file that is one array of objects, read and checked as JSONL is (the same type inference otherwise);
+    None for anything else, which `datasets` reads as before (JSON Lines saved as .json) or reports."""
+    try:
+        items = json.loads(path.read_text(encoding="utf-8-sig"), parse_int=str, parse_float=str)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if not isinstance(items, list) or not items:
+        return None
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise UserError(f"{path}: item {i} is {_shown(item)}, not an object; each item must be one "
+                            'object such as {"messages": [...]} or {"prompt": ..., "completion": ...}')
+    return [_checked_row(item, cfg, f"{path}: item {i}") for i, item in enumerate(items)]
+
+
+def _checked_row(raw: dict, cfg: DatasetConfig, where: str) -> dict:
+    """A parsed JSON row, its booleans as the file writes them, checked as a row (columns renamed)."""
+    row = {k: json.dumps(v) if isinstance(v, bool) else v for k, v in raw.items()}
+    renames = column_renames(list(row), cfg, where)
+    problem = _row_problem({renames.get(k, k): v for k, v in row.items()}, cfg)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    return row
 
 
 def _scan_csv(path: Path) -> None:
@@ -216,7 +239,7 @@ def _json_row(text: str, path: Path, number: int) -> dict:
         raise UserError(f"{path}:{number}: not valid JSON ({exc.msg} at column {exc.colno}); fix that line or "
                         "remove it (JSON Lines: one complete JSON object per line)") from None
     if not isinstance(row, dict):
-        raise UserError(f"{path}:{number}: a JSON {type(row).__name__}, not an object; each line must be one "
+        raise UserError(f"{path}:{number}: {_shown(row)} is not an object; each line must be one "
                         'object such as {"messages": [...]} or {"prompt": ..., "completion": ...}')
     return row
 

@@ -124,13 +124,14 @@ def test_csv_cells_are_read_as_the_text_they_are(tmp_path):
     assert replies == {"00507", "None", "NA", "1.50"}
 
 
-def test_jsonl_numbers_and_booleans_are_read_as_the_text_they_are(tmp_path):
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_numbers_and_booleans_are_read_as_the_text_they_are(tmp_path, suffix):
     """`datasets` inferred a column type: in a completion column holding 3 and 2.5 the 3 trained as "3.0", a long
-    integer in a column with a float lost its digits, and true trained as "True"."""
-    path = tmp_path / "numbers.jsonl"
+    integer in a column with a float lost its digits, and true trained as "True". JSON Lines, or one array."""
+    path = tmp_path / f"numbers{suffix}"
     replies = ["3", "2.5", "12345678901234567", "1.50", "1e3", "true", '"00507"']  # as written in the file
     lines = [f'{{"prompt": "question {i}", "completion": {reply}}}' for i, reply in enumerate(replies)]
-    path.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(lines) + "]\n")
     cfg = compose_run(["dataset=jsonl", f"dataset.path={path}", "dataset.format=columns",
                        "dataset.eval_size=1"]).dataset
     train, evaluation = load_train_eval(cfg)
