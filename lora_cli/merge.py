@@ -136,7 +136,7 @@ def merge_run(run_dir: Path, out_dir: Path, cfg: RunConfig, command: str) -> dic
                       "allowed_max_abs_diff": allowed,
                       "parity": "pass", "parameters": sum(p.numel() for p in reloaded.parameters()),
                       "quantized_max_abs_diff": quantization_diff, "lowrank_export": export}
-            write_card(tmp, run_dir, adapted, cfg, result, command)
+            write_card(tmp, run_dir, adapted, cfg, result, command, provenance, adapter_sha)
             publish(tmp, out_dir)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -154,9 +154,11 @@ def adapter_provenance(adapted) -> tuple[dict, str]:
     return provenance, hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
-def write_card(folder: Path, run_dir: Path, adapted, cfg: RunConfig, result: dict, command: str) -> None:
+def write_card(folder: Path, run_dir: Path, adapted, cfg: RunConfig, result: dict, command: str,
+               provenance: dict, adapter_sha: str) -> None:
+    """The merged checkpoint's README.md and lora_cli_merge.json; `provenance` and `adapter_sha` are
+    `adapter_provenance`'s, read once per merge (hashing the adapter twice was wasted I/O)."""
     weights = adapted.adapter_dir / "adapter_model.safetensors"
-    provenance, adapter_sha = adapter_provenance(adapted)
     config_text = (run_dir / "config.yaml").read_text()
     dataset = f"`{provenance.get('dataset', cfg.dataset.name)}` (fingerprint `{provenance.get('dataset_fingerprint')}`)"
     checked = "the saved checkpoint, reloaded" if result["dtype"] == "float32" else "the fp32 merge"

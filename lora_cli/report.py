@@ -223,9 +223,10 @@ def merge_table(result: dict) -> None:
 
 def leaderboard(rows: list[dict], metric: str, root) -> None:
     """The runs, best first by `metric` (always shown), with what was swept (sweep.with_swept)."""
+    from lora_cli.sweep import METRICS
+
     table = Table(title=f"lora report: {escape(str(root))} (sorted by {metric})", title_justify="left")
-    columns = ["run", "status", "swept", "variant", "r", "trainable_params", "train_loss", "eval_loss", "accuracy",
-               "token_f1", "tokens_per_s", "wall_time_s", "peak_rss_mib", "peak_gpu_mib"]
+    columns = ["run", "status", "swept", "variant", "r", *METRICS]
     columns = [c for c in columns if c == metric or any(r.get(c) not in (None, "") for r in rows)]
     for column in columns:  # folded, not cut to "sta…", where a terminal is narrow
         table.add_column(column, justify="left" if column in ("run", "status", "swept", "variant") else "right",
