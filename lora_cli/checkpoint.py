@@ -22,6 +22,7 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lora_cli import metrics
 from lora_cli.errors import UserError
 from lora_cli.paths import full_disk_as_error, publish, staging_dir
 from lora_cli.sweep import RUN_RECORD
@@ -72,8 +73,8 @@ def written_by_a_run(run_dir: Path) -> bool:
         return True
     if {"status", "overrides"} <= _json_object(run_dir / RUN_RECORD, whole=True).keys():
         return True
-    metrics = run_dir / "metrics.jsonl"
-    return metrics.is_file() and (metrics.stat().st_size == 0 or "step" in _json_object(metrics, whole=False))
+    logged = run_dir / "metrics.jsonl"
+    return logged.is_file() and (logged.stat().st_size == 0 or "step" in _json_object(logged, whole=False))
 
 
 def _json_object(path: Path, whole: bool) -> dict:
@@ -240,7 +241,7 @@ def save(path: Path, model, variant, optimizer, scheduler, state: TrainState, re
             save_file(optimizer_tensors, tmp / "optimizer.safetensors")
             save_file({f"{rank}.{k}": v for rank, r in enumerate(rng) for k, v in r["torch"].items()},
                       tmp / "rng.safetensors")
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+            (tmp / "metrics.jsonl").write_text("".join(map(metrics.to_line, records)))
             (tmp / "config.yaml").write_text(config_yaml)
             state_json = {"state": asdict(state), "optimizer": optimizer_json, "scheduler": scheduler.state_dict(),
                           "rng": [r["python"] for r in rng]}
@@ -268,7 +269,7 @@ def restore(path: Path, model, variant, optimizer, scheduler) -> tuple[TrainStat
     saved = saved_state(path)
     optimizer.load_state_dict(_join_optimizer(load_file(path / "optimizer.safetensors"), saved["optimizer"]))
     scheduler.load_state_dict(saved["scheduler"])
-    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    records = [metrics.from_line(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
     return TrainState(**saved["state"]), records
 
 

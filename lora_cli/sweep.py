@@ -16,6 +16,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from rich.markup import escape
 
+from lora_cli import metrics
 from lora_cli.errors import UserError
 from lora_cli.paths import write_atomic
 
@@ -110,7 +111,7 @@ def last_logged(run_dir: Path) -> dict:
     if path.is_file():
         for line in path.read_text().splitlines():
             try:
-                last.update(json.loads(line))
+                last.update(metrics.from_line(line))
             except ValueError:  # a line cut short by a killed run
                 continue
     return last

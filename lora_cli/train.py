@@ -10,7 +10,6 @@ clip -> optimizer.step -> scheduler.step -> variant.after_step -> log -> eval / 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager, nullcontext
@@ -22,6 +21,7 @@ from lora_cli.checkpoint import TrainState
 from lora_cli.config import RunConfig, TrainerConfig
 from lora_cli.data import IGNORE_INDEX, TokenizedSplit, collate, micro_batches, prepare, take
 from lora_cli.errors import Interrupted, UserError
+from lora_cli.metrics import MetricsLog
 from lora_cli.models import attention_in_fp32, check_positions, load_model, load_tokenizer, resolve_checkpoint
 from lora_cli.report import console, print_data_plan, print_summary, progress_bar
 
@@ -383,29 +383,6 @@ class StopRequest:
             return self.requested
         flag = torch.tensor(int(self.requested), device=accelerator.device)
         return bool(accelerator.reduce(flag, reduction="sum").item())
-
-
-class MetricsLog:
-    """metrics.jsonl, one record per step or eval; the records also stay in memory (plots, checkpoints)."""
-
-    def __init__(self, path: Path, records: list[dict], enabled: bool):
-        self.records = records
-        self.file = open(path, "w") if enabled else None  # noqa: SIM115 (closed by close())
-        if self.file:
-            self.file.write("".join(json.dumps(r) + "\n" for r in records))
-
-    def log(self, record: dict) -> None:
-        self.records.append(record)
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-
-    def series(self, key: str) -> list[tuple[int, float]]:
-        return [(r["step"], r[key]) for r in self.records if key in r]
-
-    def close(self) -> None:
-        if self.file:
-            self.file.close()
 
 
 def train(cfg: RunConfig, run_dir: Path, command: str):

@@ -81,7 +81,13 @@ def lora_in_process(args: list[str], cwd: Path, env: dict) -> subprocess.Complet
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """metrics.jsonl's records, read as strict JSON (a bare NaN or Infinity fails)."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line, parse_constant=strict_json) for line in lines]
+
+
+def strict_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def compose_run(overrides: list[str]):

@@ -227,6 +227,7 @@ def test_skip_drops_non_finite_steps_and_trains_on(tmp_path, monkeypatch):
     train_module.train(cfg, tmp_path, "test")
     records = [r for r in read_metrics(tmp_path) if "loss" in r]
     assert [r.get("skipped") for r in records] == [None, None, "non-finite", None, None]
+    assert records[2]["loss"] is None and all(r["loss"] > 0 for r in records if "skipped" not in r)  # strict JSON
     lora_b = load_file(tmp_path / "adapter/adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in lora_b.values())
 
