@@ -63,6 +63,8 @@ def row(run_dir: Path, root: Path) -> dict:
     record = record_of(run_dir)
     result = record.get("result", {})
     evaluation = read_json(run_dir / "eval.json") if (run_dir / "eval.json").is_file() else {}
+    if evaluation.get("status") == "unreadable":  # cut short or edited: training's numbers, and the reason why
+        record, evaluation = {**record, "reason": evaluation["reason"]}, {}
     if record.get("eval_error") and not evaluation:  # trained, but the end-of-run evaluation did not finish
         record = {**record, "status": "eval unfinished", "reason": record["eval_error"]}
     adapter_metrics = evaluation.get("adapter", {})

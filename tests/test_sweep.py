@@ -32,6 +32,12 @@ def test_rank_sweep_summarises_every_job(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 0
     assert len(list(tmp_path.glob("*/adapter/adapter_model.safetensors"))) == 2
     assert "sorted by eval_loss" in " ".join(proc.stdout.split())  # the title may wrap
+    # An eval.json cut short (edited by hand) leaves training's numbers in its row, and the row says why.
+    (tmp_path / rows[0]["run"] / "eval.json").write_text('{"adapter": {"accur')
+    assert lora("report", str(tmp_path)).returncode == 0
+    cut, whole = (next(r for r in read_summary(tmp_path) if r["run"] == row["run"]) for row in rows)
+    assert cut["status"] == "complete" and cut["accuracy"] == "" and cut["eval_on"] == "training: 16 examples"
+    assert cut["reason"].startswith("eval.json: ") and whole["accuracy"] == rows[1]["accuracy"]
 
 
 def test_a_failed_job_is_a_row_and_the_others_complete(tmp_path):
