@@ -13,7 +13,7 @@ from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import prepare
 from lora_cli.models import check_positions, default_device, load_tokenizer, reading, resolve_checkpoint
-from lora_cli.train import is_eval_step, mixed_precision, precision_name, predicted_labels, total_steps
+from lora_cli.train import epochs_of, is_eval_step, mixed_precision, precision_name, predicted_labels, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -117,7 +117,7 @@ def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:
         "truncated": train_split.truncated + eval_split.truncated,
         "dropped": train_split.dropped + eval_split.dropped, "longest": longest,
         "steps": steps, "steps_done": done, "examples_per_step": step_size,
-        "epochs": round(steps * step_size / len(train_split.examples), 2),
+        "epochs": epochs_of(steps, step_size, len(train_split.examples)),
         "trainable_params": trainable, "total_params": total,
         "peak_memory_of": "GPU" if torch.cuda.is_available() else "RSS",  # the run's peak_memory key it estimates
         "peak_memory_bytes": estimate_memory(model, cfg, trainable, longest, max(

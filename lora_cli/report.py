@@ -35,11 +35,13 @@ def progress_bar(total: int, completed: int = 0, disable: bool = False, eval_los
         yield progress, task
 
 
-def print_data_plan(train, evaluation, steps: int, trainable: int, total: int) -> None:
+def print_data_plan(train, evaluation, steps: int, step_size: int, epochs: float, trainable: int,
+                    total: int) -> None:
     skipped = f"{train.truncated + evaluation.truncated} truncated, {train.dropped + evaluation.dropped} dropped"
     console.print(f"data: {len(train.examples)} train / {len(evaluation.examples)} eval examples "
                   f"({train.tokens:,} train tokens, {train.label_tokens:,} with labels; {skipped}) | "
-                  f"{steps} steps | trainable params {trainable:,} of {total:,}")
+                  f"{steps} steps of {step_size} examples ({epochs:g} epochs) | "
+                  f"trainable params {trainable:,} of {total:,}")
     warn_eval_in_train(evaluation.also_in_train, len(evaluation.examples))
 
 

@@ -245,6 +245,12 @@ def total_steps(trainer: TrainerConfig, examples: int, step_size: int) -> int:
     return max(1, math.ceil(trainer.epochs * examples / step_size))
 
 
+def epochs_of(steps: int, step_size: int, examples: int) -> float:
+    """Passes over the train split that `steps` make: worth showing, since max_steps (or a step larger than the
+    split) can repeat every example many times over."""
+    return round(steps * step_size / examples, 2)
+
+
 def build_optimizer(param_groups: list[dict], trainer: TrainerConfig, steps: int):
     """AdamW and its learning-rate schedule. AdamW is fused (one kernel per tensor instead of a dozen passes)
     wherever every parameter allows it: for the 420 LoRA tensors of the 135M model on this CPU, optimizer step
@@ -457,7 +463,8 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
         if is_main:
             console.print(f"trainer.compile: {compiled} transformer blocks compiled in {compile_seconds:.0f} s")
     if is_main:
-        print_data_plan(train_split, eval_split, steps, trainable, total_params)
+        print_data_plan(train_split, eval_split, steps, step_size,
+                        epochs_of(steps, step_size, len(train_split.examples)), trainable, total_params)
         if resume_from:
             console.print(f"resuming from {resume_from} (step {state.step} of {steps})")
 

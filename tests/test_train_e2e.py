@@ -23,6 +23,8 @@ def test_run_dir_has_every_artifact(tiny_run):
     assert not list(run_dir.glob(".adapter.partial-*"))
     assert "lora train: summary" in proc.stdout
     assert "eval loss" in proc.stdout and "trainable params" in proc.stdout
+    # The plan line: TINY's 6 steps of 4 examples are half of its 48 (a line that may wrap, as in a terminal)
+    assert "| 6 steps of 4 examples (0.5 epochs) |" in " ".join(proc.stderr.split())
 
 
 def test_loss_goes_down(tiny_run):
