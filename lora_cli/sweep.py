@@ -37,9 +37,11 @@ def write_run_record(run_dir: Path, record: dict) -> None:
 def find_runs(root: Path) -> list[Path]:
     """Run dirs under `root` (itself included): folders a `lora train` job wrote its record or config into, and
     runs with checkpoints but neither yet (killed, or still training)."""
+    from lora_cli.checkpoint import FOLDER, STATE  # checkpoint imports this module
+
     found = {p.parent for p in root.rglob(RUN_RECORD)} | {p.parent for p in root.rglob("config.yaml")
                                                            if (p.parent / "adapter").is_dir()}
-    found |= {p.parents[2] for p in root.rglob("checkpoints/step-*/state.json")}
+    found |= {p.parents[2] for p in root.rglob(f"{FOLDER}/step-*/{STATE}")}
     return sorted(found)
 
 
