@@ -95,11 +95,13 @@ def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
             return
         who = "adapter" if cfg.generate.adapter else "base model"
         print(f"Chatting with {who} of {run_dir} (Ctrl-D to quit).", file=sys.stderr)
+        typed = sys.stdin.isatty()  # piped lines (`lora generate run=... < prompts.txt`): stdout holds replies alone
         while True:
             try:
-                line = input("you> ")
+                line = input("you> " if typed else "")
             except EOFError:
-                print()
+                if typed:  # off the prompt line that Ctrl-D left
+                    print()
                 return
             if not line.strip():
                 continue

@@ -408,7 +408,9 @@ def test_generate_chat_loop_ends_at_end_of_input(tiny_run):
     chat = subprocess.run([str(LORA), "generate", f"run={tiny_run[0]}", "generate.max_new_tokens=3"],
                           input="hello\nmy card is stuck\n", capture_output=True, text=True, timeout=300)
     assert chat.returncode == 0, chat.stderr
-    assert chat.stdout.count("you> ") == 3  # two turns, then the prompt that met end-of-input
+    assert "Chatting with adapter" in chat.stderr
+    # Piped in, the lines are the turns and stdout holds the replies alone: no "you> " prompts between them
+    assert "you> " not in chat.stdout and chat.stdout.count("\n") >= 2 and chat.stdout.endswith("\n")
 
 
 def test_generate_takes_bytes_that_are_not_utf8_without_a_traceback(tiny_run):
@@ -422,7 +424,7 @@ def test_generate_takes_bytes_that_are_not_utf8_without_a_traceback(tiny_run):
                           capture_output=True, timeout=300)
     assert chat.returncode == 0, chat.stderr.decode()
     assert b"not UTF-8 text" in chat.stderr and b"Traceback" not in chat.stderr
-    assert chat.stdout.count(b"you> ") == 3  # the bad line, the good one, then end-of-input
+    assert chat.stderr.count(b"not UTF-8 text") == 1 and chat.stdout.count(b"\n") >= 1  # hello's reply
 
 
 def test_generate_into_a_pipe_closed_early_stops_quietly(tiny_run):
