@@ -54,6 +54,10 @@ TRAIN_FLAGS = {"--dry-run", "--debug", "-m", "--multirun", "--run", "-r", "--cfg
                "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc", "--config-path", "-cp",
                "--config-name", "-cn", "--config-dir", "-cd", "--experimental-rerun", "--version"}
 
+# Hydra's run modes, of which it takes one: the flags that pick each (Hydra itself raised a ValueError).
+HYDRA_MODES = {"--run": "run", "-r": "run", "-m": "multirun", "--multirun": "multirun", "--cfg": "cfg", "-c": "cfg",
+               "--info": "info", "-i": "info", "--shell-completion": "completion", "-sc": "completion"}
+
 
 def command_help(command: str) -> str:
     """`lora eval|generate|merge|report --help`: the usage line, then the command's own keys with their defaults
@@ -134,6 +138,10 @@ def run_train(args: list[str]) -> int:
     if "--dry-run" in args:
         return dry_run([a for a in args if a != "--dry-run"], configs, recipes)
     flags, _ = overrides.split_argv(args)
+    modes = [f for f in flags if f in HYDRA_MODES]
+    if len({HYDRA_MODES[f] for f in modes}) > 1:
+        raise UserError(f"{' and '.join(modes)} cannot be combined: each picks what lora train does (run, sweep, print "
+                        "the config, show Hydra's info); keep one")
     if not overrides.HELP_FLAGS.intersection(flags):
         composed = overrides.check(configs, recipes, args)
         if not ({"-m", "--multirun", "--cfg", "-c"} & set(flags)):
