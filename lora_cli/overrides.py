@@ -178,21 +178,34 @@ def check(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: st
 def check_hydra_overrides(compose, config_name: str, group_choices: list[str], overrides: list) -> None:
     """`hydra.*` keys and `hydra/` groups, checked as the others are: a typo (hydra.run.dirr) or a launcher plugin
     that is not installed (hydra/launcher=joblib) was Hydra's multi-line error after the start."""
+    if not overrides:
+        return
+    groups = [o.input_line for o in overrides if o.key_or_group.startswith("hydra/")]
+    with_hydra = _compose_hydra(compose, config_name, [*group_choices, *groups])  # a missing plugin fails here,
+    for override in overrides:  # before the keys it brings (hydra.launcher.n_jobs) look unknown
+        if not override.key_or_group.startswith("hydra/") and not override.is_add() and not override.is_delete():
+            check_key(with_hydra, override.key_or_group)
+    _compose_hydra(compose, config_name, [*group_choices, *(o.input_line for o in overrides)])
+
+
+def _compose_hydra(compose, config_name: str, overrides: list[str]):
+    """The config with Hydra's own part, or a one-line error; a launcher or sweeper that fails is most likely a
+    plugin not installed."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    if not overrides:
-        return
-    with_hydra = compose(config_name, overrides=group_choices, return_hydra_config=True)
-    for override in overrides:
-        if not override.key_or_group.startswith("hydra/") and not override.is_add() and not override.is_delete():
-            check_key(with_hydra, override.key_or_group)
     try:
-        compose(config_name, overrides=[*group_choices, *(o.input_line for o in overrides)], return_hydra_config=True)
+        return compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as exc:
-        plugin = next((o.input_line for o in overrides if o.key_or_group in ("hydra/launcher", "hydra/sweeper")), None)
-        hint = f"; {plugin} needs its Hydra plugin installed (e.g. pip install hydra-joblib-launcher)" if plugin else ""
+        plugin = next((o for o in overrides if o.startswith(("hydra/launcher=", "hydra/sweeper="))), None)
+        hint = f"; {plugin} needs its Hydra plugin installed ({plugin_package(plugin)})" if plugin else ""
         raise UserError(f"invalid Hydra override: {one_line(exc)}{hint}") from None
+
+
+def plugin_package(choice: str) -> str:
+    """Where Hydra's official plugin for `hydra/launcher=joblib` (or submitit_local, optuna...) comes from."""
+    group, name = choice.removeprefix("hydra/").split("=", 1)
+    return f"pip install hydra-{name.split('_')[0]}-{group}"
 
 
 def check_group(group: str, values: list[str], options: list[str]) -> None:

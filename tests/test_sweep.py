@@ -40,6 +40,19 @@ def test_rank_sweep_summarises_every_job(tmp_path):
     assert cut["reason"].startswith("eval.json: ") and whole["accuracy"] == rows[1]["accuracy"]
 
 
+def test_parallel_jobs_through_a_launcher_plugin(tmp_path):
+    """The README's parallel sweep: the joblib launcher runs the jobs in worker processes of their own; its
+    keys (hydra.launcher.n_jobs) are checked as every other key is, against the launcher picked."""
+    proc = lora("train", *SWEEP, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "adapter.r=2,4",
+                f"hydra.sweep.dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    rows = read_summary(tmp_path)
+    assert sorted((r["r"], r["status"]) for r in rows) == [("2", "complete"), ("4", "complete")]
+    assert len(list(tmp_path.glob("*/adapter/adapter_model.safetensors"))) == 2
+    assert_one_line_error(lora("train", *SWEEP, "hydra/launcher=joblib", "hydra.launcher.n_jobz=2", "adapter.r=2,4",
+                               f"hydra.sweep.dir={tmp_path / 'typo'}"), "did you mean hydra.launcher.n_jobs?")
+
+
 def test_a_failed_job_is_a_row_and_the_others_complete(tmp_path):
     proc = lora("train", *SWEEP, "adapter.r=2,0", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode != 0  # the sweep ran to the end, then reports the failure
