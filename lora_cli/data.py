@@ -245,13 +245,21 @@ def _json_row(text: str, path: Path, number: int) -> dict:
 
 
 def _load_hub(cfg: DatasetConfig, split: str):
+    """The split from the hub. One quick request first: offline, `load_dataset` retried for ~25 s, logging each
+    retry, before its error. HF_DATASETS_OFFLINE=1 skips it, for a copy in the Hugging Face cache."""
+    from datasets import config as datasets_config
     from datasets import load_dataset
 
     try:
+        if not datasets_config.HF_HUB_OFFLINE:
+            from huggingface_hub import HfApi
+
+            HfApi().dataset_info(cfg.hub_id, revision=cfg.revision, timeout=20)
         return load_dataset(cfg.hub_id, split=split, revision=cfg.revision)
     except Exception as exc:
         raise UserError(f"could not load dataset {cfg.hub_id!r} split {split!r} from the hub "
-                        f"({type(exc).__name__}); set dataset.path to a local copy") from None
+                        f"({type(exc).__name__}); set dataset.path to a local copy (or HF_DATASETS_OFFLINE=1 for "
+                        "one in the Hugging Face cache)") from None
 
 
 def load_split(cfg: DatasetConfig, split: str):

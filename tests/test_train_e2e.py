@@ -13,6 +13,7 @@ import torch
 from conftest import BANKING77, TINY, compose_run, lora, read_metrics
 from safetensors import safe_open
 from safetensors.torch import load_file
+from test_cli import assert_one_line_error
 
 
 def test_run_dir_has_every_artifact(tiny_run):
@@ -206,6 +207,56 @@ def test_a_hub_id_trains_on_what_the_hub_download_gives(tmp_path, tiny_checkpoin
     assert ("*.py" in asked["patterns"]) == trust_remote_code
     assert json.loads((tmp_path / "adapter/adapter_config.json").read_text())["base_model_name_or_path"] == str(
         tiny_checkpoint.path)
+
+
+def hub_banking77(split: str):
+    """Banking77 as the hub serves it (PolyAI/banking77): the intent in a `label` column of class ids."""
+    import csv
+
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    names = json.loads((BANKING77 / "categories.json").read_text())
+    with open(BANKING77 / f"{split}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[::15]  # every intent, ~700 rows: more than banking77's 500 held out for eval
+    features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
+    return Dataset.from_dict({"text": [r["text"] for r in rows], "label": [names.index(r["category"]) for r in rows]},
+                             features=features)
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_hub_dataset_trains_on_what_the_hub_gives(tmp_path, monkeypatch, reachable):
+    """No hub here: `load_dataset` is stood in for by the local Banking77 in the hub's layout (class ids, `label`).
+    Offline, the hub check fails at once, in one line, and `load_dataset` (which retried for ~25 s) is never
+    called."""
+    import datasets
+    from huggingface_hub import HfApi
+
+    class ConnectError(OSError):  # what huggingface_hub's HTTP client raises offline
+        pass
+
+    asked = []
+
+    def dataset_info(self, repo_id, revision=None, **_):
+        if not reachable:
+            raise ConnectError("[Errno -2] Name or service not known")
+        asked.append(("info", repo_id, revision))
+
+    def load_dataset(path, split=None, revision=None, **_):
+        asked.append(("load", path, split))
+        return hub_banking77(split)
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # the suite runs offline; this is the online path
+    monkeypatch.setattr(HfApi, "dataset_info", dataset_info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=2", "dataset=banking77",
+                f"hydra.run.dir={tmp_path}")
+    if not reachable:
+        assert_one_line_error(proc, "could not load dataset 'PolyAI/banking77'", "ConnectError", "dataset.path")
+        assert asked == [] and not (tmp_path / "adapter").exists()
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert set(asked) == {("info", "PolyAI/banking77", None), ("load", "PolyAI/banking77", "train")}  # eval: held out
+    assert "48 train / 16 eval examples" in " ".join(proc.stderr.split())
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
