@@ -6,7 +6,6 @@ transformers and Hydra load inside the command that needs them.
 
 from __future__ import annotations
 
-import difflib
 import os
 import shlex
 import sys
@@ -14,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, did_you_mean
 
 USAGE = """\
 usage: lora COMMAND [GROUP=OPTION ...] [KEY=VALUE ...]
@@ -81,9 +80,8 @@ def with_known_flags(command: str, args: list[str]) -> list[str]:
     takes = TRAIN_FLAGS if command == "train" else {"--debug"}
     unknown = [a for a in args if a.startswith("-") and "=" not in a and a not in takes]
     if unknown:
-        near = difflib.get_close_matches(unknown[0], sorted(takes), n=1)
-        hint = f"did you mean {near[0]}? " if near else ""
-        raise UserError(f"unknown option {unknown[0]} for `lora {command}`; {hint}see `lora {command} --help`")
+        raise UserError(f"unknown option {unknown[0]} for `lora {command}`; {did_you_mean(unknown[0], sorted(takes))}"
+                        f"see `lora {command} --help`")
     debug = ["debug=true"] if "--debug" in args and command != "report" else []
     return [a for a in args if a != "--debug"] + debug
 
@@ -98,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        near = difflib.get_close_matches(command, COMMANDS, n=1)
-        hint = f"did you mean `lora {near[0]}`? " if near else ""
+        hint = did_you_mean(command, COMMANDS, "`lora {}`")
         return fail(f"unknown command {command!r}; {hint}commands: {', '.join(COMMANDS)}")
     if command != "train" and {"-h", "--help"} & set(rest):
         print(command_help(command), end="")
@@ -395,6 +392,7 @@ def _train(cfg, run_dir: Path, command: str) -> dict:
 def run_report(args: list[str]) -> int:
     """`lora report DIR [metric=NAME]`: summary.csv, summary.png and a leaderboard for the runs under DIR."""
     named, rest = take_named(args, ("metric",))
+    check_names("report", [a for a in rest if not Path(a).expanduser().exists()], ("metric",), takes_keys=False)
     if len(rest) != 1:
         raise UserError("usage: lora report SWEEP_DIR [metric=eval_loss|accuracy|token_f1|tokens_per_s|...]")
     from lora_cli.report import quiet_libraries
@@ -417,9 +415,25 @@ def take_named(args: list[str], names: tuple[str, ...]) -> tuple[dict[str, str],
     return named, rest
 
 
+def check_names(command: str, rest: list[str], names: tuple[str, ...], takes_keys: bool) -> None:
+    """A `name=value` that is neither the command's own argument nor (where it takes overrides) a config key is
+    most likely a misspelt one (promt=hi), which would otherwise be reported as an unknown config key."""
+    from dataclasses import fields
+
+    from lora_cli.config import RunConfig
+
+    top = {item.name for item in fields(RunConfig)} if takes_keys else set()
+    for arg in rest:
+        name, sep, _ = arg.partition("=")
+        if sep and "." not in name and name.lstrip("+~") not in top:
+            hint = did_you_mean(name, [*names, *sorted(top)], "{}=")
+            raise UserError(f"lora {command} takes no {name}=; {hint}`lora {command} --help` lists what it takes")
+
+
 def run_on_finished_run(command: str, args: list[str]) -> int:
     """`lora eval|generate|merge run=RUN_DIR ...`: the run's config plus overrides, then the command."""
     named, rest = take_named(args, NAMED_ARGS[command])
+    check_names(command, rest, NAMED_ARGS[command], takes_keys=True)
     missing = [name for name in REQUIRED_ARGS[command] if not named.get(name)]
     if missing:
         usage = " ".join(f"{name}=..." for name in REQUIRED_ARGS[command])

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, did_you_mean
 
 MODEL_SOURCES = ("embedded", "random", "pretrained")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -62,7 +62,9 @@ def _require_finite(group, prefix: str) -> None:
 
 
 def _require_choice(value: str, key: str, options: tuple[str, ...]) -> None:
-    _require(value in options, f"{key}={value!r} is not valid; choose one of: {', '.join(options)}")
+    if value not in options:
+        raise UserError(f"{key}={value!r} is not valid; {did_you_mean(str(value), options, f'{key}={{}}')}choose one "
+                        f"of: {', '.join(options)}")
 
 
 @dataclass
@@ -315,9 +317,10 @@ class TrainerConfig:
         """The launch keys alone; what a launcher needs of the machine and the run is checked before launching
         (`launched.check_launcher`), so a finished run's config still loads on another machine."""
         launcher = self.launcher
-        _require(launcher is None or launcher in LAUNCHERS or launcher.endswith((".yaml", ".yml", ".json")),
-                 f"trainer.launcher={launcher!r} is not valid; choose one of: {', '.join(LAUNCHERS)} (or the path "
-                 "of an accelerate config file, .yaml)")
+        if not (launcher is None or launcher in LAUNCHERS or launcher.endswith((".yaml", ".yml", ".json"))):
+            hint = did_you_mean(launcher, LAUNCHERS, "trainer.launcher={}")
+            raise UserError(f"trainer.launcher={launcher!r} is not valid; {hint}choose one of: {', '.join(LAUNCHERS)} "
+                            "(or the path of an accelerate config file, .yaml)")
         _require(launcher is None or self.num_processes > 1,
                  f"trainer.launcher={launcher} starts several processes; set trainer.num_processes=N (one per GPU, "
                  "counted over all machines)")

@@ -1,5 +1,9 @@
 """The one exception type that means "the user can fix this": the CLI prints it as one line, no traceback."""
 
+from __future__ import annotations
+
+import difflib
+
 
 class UserError(Exception):
     """A problem with the user's input (config, data, paths), worded as: what is wrong, where, what to do."""
@@ -12,3 +16,10 @@ class Interrupted(Exception):
         super().__init__(f"interrupted after step {step}; checkpoint saved in {checkpoint}")
         self.step = step
         self.checkpoint = checkpoint
+
+
+def did_you_mean(typed: str, candidates, shown: str = "{}", cutoff: float = 0.6) -> str:
+    """'did you mean X? ' for the candidate nearest what was typed (X written as `shown` says), or '' if none is
+    near: most wrong names and values are typos of a right one."""
+    near = difflib.get_close_matches(typed, list(candidates), n=1, cutoff=cutoff)
+    return f"did you mean {shown.format(near[0])}? " if near else ""

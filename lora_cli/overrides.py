@@ -3,11 +3,10 @@ or option, not a multi-line composition error after a run dir was made."""
 
 from __future__ import annotations
 
-import difflib
 import re
 from pathlib import Path
 
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, did_you_mean
 
 # Hydra flags that take the next argument as their value.
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -85,7 +84,7 @@ OPTION_KEYS = {"adapter.scale.": "adapter=slora", "adapter.scalora.": "adapter=s
 ADDED_MAPS = ("dataset.rename_columns.",)
 
 
-def check_key(cfg, key: str) -> None:
+def check_key(cfg, key: str, help_command: str = "train") -> None:
     """A key that is not in the config is a typo until proven otherwise: name the nearest one."""
     from omegaconf import DictConfig, OmegaConf
 
@@ -96,9 +95,8 @@ def check_key(cfg, key: str) -> None:
         raise UserError(f"{key} is a setting of {option}; add {option} to the command (or drop {key})")
     if key.startswith(ADDED_MAPS):
         raise UserError(f"{key} adds an entry to a map: write it with a '+' (+{key}=...)")
-    near = difflib.get_close_matches(key, _leaf_keys(cfg), n=1, cutoff=0.5)
-    hint = f"did you mean {near[0]}? " if near else ""
-    raise UserError(f"unknown config key {key!r}; {hint}(`lora train --help` lists every key)")
+    raise UserError(f"unknown config key {key!r}; {did_you_mean(key, _leaf_keys(cfg), cutoff=0.5)}"
+                    f"`lora {help_command} --help` lists every key")
 
 
 def check_addable(cfg, key: str) -> None:
@@ -213,8 +211,7 @@ def check_group(group: str, values: list[str], options: list[str]) -> None:
         if value == "null" and group != "recipe":  # every run needs a model, a dataset, an adapter, a trainer
             raise UserError(f"{group}=null: every run needs one; pick one of: {', '.join(options)}")
         if value not in options and value != "null":
-            near = difflib.get_close_matches(value, options, n=1)
-            hint = f"did you mean {group}={near[0]}? " if near else ""
+            hint = did_you_mean(value, options, shown=f"{group}={{}}")
             raise UserError(f"{group}={value}: no such {group}; {hint}options: {', '.join(options)}")
 
 

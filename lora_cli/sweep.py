@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from rich.markup import escape
 
 from lora_cli import metrics
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, did_you_mean
 from lora_cli.paths import write_atomic
 
 RUN_RECORD = "run.json"
@@ -145,7 +145,8 @@ def summarize(root: Path, metric: str = "eval_loss") -> list[dict]:
     if not root.is_dir():
         raise UserError(f"{root}: no such directory; pass a sweep dir (multirun/...) or a folder of runs")
     if metric not in METRICS:
-        raise UserError(f"metric={metric}: not a summary column; choose one of: {', '.join(METRICS)}")
+        raise UserError(f"metric={metric}: not a summary column; {did_you_mean(metric, METRICS, 'metric={}')}choose "
+                        f"one of: {', '.join(METRICS)}")
     runs = find_runs(root)
     if not runs:
         raise UserError(f"{root} holds no lora-cli runs (no run.json or config.yaml + adapter/ below it)")

@@ -252,7 +252,12 @@ def test_what_a_finished_run_cannot_take_is_refused_in_one_line(tiny_run, tmp_pa
     assert_one_line_error(lora("merge", f"run={run_dir}", f"output={tmp_path / 'out'}", "adapter=slora"),
                           "adapter=lora")
     assert not (tmp_path / "out").exists()
-    assert_one_line_error(lora("generate", f"run={run_dir}", "adapter.rr=4"), "did you mean adapter.r")
+    assert_one_line_error(lora("generate", f"run={run_dir}", "adapter.rr=4"), "did you mean adapter.r",
+                          "`lora generate --help` lists every key")
+    # The command's own arguments, misspelt: not "unknown config key 'promt'; (`lora train --help` ...)"
+    assert_one_line_error(lora("generate", f"run={run_dir}", "promt=hi"), "takes no promt=", "did you mean prompt=?")
+    assert_one_line_error(lora("merge", f"run={run_dir}", "ouput=x"), "takes no ouput=", "did you mean output=?")
+    assert_one_line_error(lora("eval", f"run={run_dir}", "datset=banking77"), "did you mean dataset=?")
     # Training settings did nothing after training, silently: `trainer.eval_batch_size=4` is not eval.batch_size.
     for override in ("trainer.lr=1", "trainer.batch_size=4", "trainer=default"):
         assert_one_line_error(lora("eval", f"run={run_dir}", override), override, "eval.batch_size")

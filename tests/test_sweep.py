@@ -142,6 +142,8 @@ def test_report_on_a_folder_of_single_runs(tiny_run, tmp_path):
     assert all(float(r["eval_loss"]) > 0 for r in rows)
     assert_one_line_error(lora("report", str(tmp_path / "nothing")), "no such directory")
     assert_one_line_error(lora("report", str(tmp_path), "metric=speed"), "metric=speed")
+    assert_one_line_error(lora("report", str(tmp_path), "metric=acuracy"), "did you mean metric=accuracy?")
+    assert_one_line_error(lora("report", str(tmp_path), "metrc=accuracy"), "takes no metrc=", "did you mean metric=?")
     assert lora("report", str(tmp_path)).returncode == 0  # its own summary, replaced
     # A user's own summary.csv (or summary.png) in the folder: refused, left as it was (it was overwritten).
     (tmp_path / "summary.csv").write_text("quarter,revenue\nQ1,10\n")
