@@ -185,6 +185,7 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator, StrMethodFormatter
 
     done = [r for r in rows if r["status"] == "complete" and r.get(metric) is not None and r.get("r")]
     fig, (by_rank, by_params) = plt.subplots(1, 2, figsize=(11, 4))
@@ -194,7 +195,12 @@ def plot(rows: list[dict], metric: str, path: Path) -> None:
         by_params.plot([p[1] for p in points], [p[2] for p in points], "o", label=variant)
     by_rank.set_xscale("log", base=2)
     by_rank.set_xlabel("rank r")
-    by_params.set_xscale("log")
+    counts = [r["trainable_params"] for r in done if r["trainable_params"]]
+    if counts and max(counts) >= 10 * min(counts):
+        by_params.set_xscale("log")
+    else:  # within a decade (lora vs slora at one rank: 32,768 vs 32,770) log's tick labels pile up unreadably
+        by_params.xaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
+        by_params.xaxis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
     by_params.set_xlabel("trainable parameters")
     for ax in (by_rank, by_params):
         ax.set_ylabel(metric)
