@@ -438,7 +438,7 @@ def run_on_finished_run(command: str, args: list[str]) -> int:
     if missing:
         usage = " ".join(f"{name}=..." for name in REQUIRED_ARGS[command])
         raise UserError(f"lora {command} needs {', '.join(missing)}=; usage: lora {command} {usage} [KEY=VALUE ...]")
-    run_dir = Path(named["run"]).expanduser()
+    run_dir = Path(os.path.abspath(Path(named["run"]).expanduser()))  # as provenance and eval.json record it
     if not run_dir.is_dir():
         raise UserError(f"run={run_dir}: no such directory; pass the run dir that `lora train` wrote")
     # `adapter=false` reads naturally on the generate command line; it is generate.adapter.

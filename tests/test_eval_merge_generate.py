@@ -174,6 +174,11 @@ def test_merged_checkpoint_loads_without_lora_cli_and_matches(tiny_run, tmp_path
     adapter_file = run_dir / "adapter" / "adapter_model.safetensors"
     assert recorded["base_model"] == "tiny-llama" and recorded["run_dir"] == str(run_dir)
     assert recorded["adapter_sha256"] == hashlib.sha256(adapter_file.read_bytes()).hexdigest()
+    # Given relative (run=run, from its parent), the run is recorded where it is: the checkpoint travels, "run" says
+    # nothing elsewhere.
+    again = lora("merge", f"run={run_dir.name}", f"output={tmp_path / 'again'}", cwd=run_dir.parent)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((tmp_path / "again/config.json").read_text())["lora_cli_provenance"]["run_dir"] == str(run_dir)
 
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "I lost my card"}], tokenize=False,
                                            add_generation_prompt=True)
