@@ -31,9 +31,12 @@ FOLDER = "checkpoints"
 STATE = "state.json"
 # Keys that may differ between a checkpoint's run and the run resuming it: they change no update. The launch
 # keys say how the processes start and where they meet (machine_rank differs between the machines of one run).
+# The memory keys are what one changes to resume a run that ran out of memory: recomputed activations are the
+# same numbers (torch's checkpointing replays the dropout masks), and eval batches only measure.
 RESUMABLE_CHANGES = ("resume", "debug", "trainer.save_every", "trainer.keep_checkpoints", "trainer.eval_every",
                      "trainer.eval_at_end", "trainer.on_nonfinite", "trainer.launcher", "trainer.num_machines",
-                     "trainer.machine_rank", "trainer.main_process_", "eval.", "generate.", "merge.")
+                     "trainer.machine_rank", "trainer.main_process_", "trainer.gradient_checkpointing",
+                     "trainer.eval_batch_size", "trainer.keep_freed_memory", "eval.", "generate.", "merge.")
 
 
 @dataclass
@@ -87,9 +90,11 @@ def _json_object(path: Path, whole: bool) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def check_run_dir(run_dir: Path, resume: str | None) -> None:
+def check_run_dir(run_dir: Path, resume: str | None, dir_key: str = "hydra.run.dir") -> None:
     """A run dir is written by one run: a finished one is never touched, an unfinished one only resumed, and a
-    folder of the user's own is never written into (a run writes README.md, config.yaml and more there)."""
+    folder of the user's own is never written into (a run writes README.md, config.yaml and more there).
+    resume=auto on a finished run is the caller's to judge (the same config: nothing to do). dir_key: what picks
+    the folder (a sweep's job folders are under hydra.sweep.dir)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"hydra.run.dir={run_dir} is a file, not a folder; pick a new or empty folder")
     found = sorted(p.name for p in run_dir.iterdir() if p.name not in (HYDRA_RECORD, LOCK_FILE)) \
@@ -98,13 +103,12 @@ def check_run_dir(run_dir: Path, resume: str | None) -> None:
         raise UserError(f"hydra.run.dir={run_dir} holds files that no lora run wrote ({', '.join(found[:3])}"
                         f"{', ...' if len(found) > 3 else ''}) and a run would write README.md, config.yaml and more "
                         "there; pick a new or empty folder")
-    if (run_dir / "adapter").exists():
-        raise UserError(f"{run_dir} already holds a trained adapter; pick another hydra.run.dir or move that "
-                        "run away")
+    if (run_dir / "adapter").exists() and resume != "auto":
+        raise UserError(f"{run_dir} already holds a trained adapter; pick another {dir_key} or move that run away")
     existing = complete_checkpoints(run_dir)
     if existing and resume is None:
         raise UserError(f"{run_dir} holds an unfinished run (checkpoint {existing[-1].name}); add resume=auto to "
-                        "continue it, or pick another hydra.run.dir")
+                        f"continue it, or pick another {dir_key}")
 
 
 def claim_run_dir(run_dir: Path):

@@ -241,10 +241,12 @@ def train_job(cfg) -> str | None:
     from hydra.types import RunMode
 
     from lora_cli import launched
-    from lora_cli.checkpoint import check_run_dir, claim_run_dir, complete_checkpoints
+    from lora_cli.artifacts import config_yaml
+    from lora_cli.checkpoint import check_run_dir, check_same_run, claim_run_dir, complete_checkpoints
+    from lora_cli.config import to_run_config, with_absolute_paths
     from lora_cli.errors import Interrupted
     from lora_cli.overrides import hydra_quoted
-    from lora_cli.report import quiet_libraries
+    from lora_cli.report import console, quiet_libraries
     from lora_cli.sweep import REFUSED, write_run_record
 
     quiet_libraries()
@@ -263,8 +265,8 @@ def train_job(cfg) -> str | None:
                         f"trainer.num_processes={world}"]
     from_scratch = with_absolute_path_overrides(from_scratch, cfg)
     command = shlex.join(["lora", "train", *from_scratch])
-    record = {"overrides": list(hydra_cfg.overrides.task), "variant": cfg.adapter.name, "r": cfg.adapter.r,
-              "alpha": cfg.adapter.alpha}
+    record = {"overrides": [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")],  # not a setting
+              "variant": cfg.adapter.name, "r": cfg.adapter.r, "alpha": cfg.adapter.alpha}
 
     def finish(status: str, message: str | None = None, **fields) -> None:
         if launched.rank() == 0:  # under accelerate launch, the main process alone records and reports
@@ -275,7 +277,11 @@ def train_job(cfg) -> str | None:
     try:
         # A sweep's job dir (or the default timestamped one) holding another run: refused before this job writes
         # anything of its own there, run.json included, so the other run's record stays as it was.
-        check_run_dir(run_dir, cfg.get("resume"))
+        check_run_dir(run_dir, cfg.get("resume"), "hydra.sweep.dir" if in_sweep else "hydra.run.dir")
+        if cfg.get("resume") == "auto" and (run_dir / "adapter").exists():  # e.g. a sweep cut short, run again
+            check_same_run(run_dir, config_yaml(with_absolute_paths(to_run_config(cfg))))  # to finish its other jobs
+            console.print(f"{run_dir}: this run is complete already (resume=auto); nothing to do")
+            return None
         claim = claim_run_dir(run_dir) if launched.rank() == 0 else None  # noqa: F841 (held until the job returns)
     except UserError as exc:
         fail(str(exc))

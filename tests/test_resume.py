@@ -67,7 +67,9 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, variant):
     saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
     assert saved and saved[-1] != f"step-{last_step(run_dir):06d}"  # killed past its newest checkpoint
 
-    resumed = lora("train", "recipe=banking_support", *args, "resume=auto", f"hydra.run.dir={run_dir}")
+    # What one changes to resume a run that ran out of memory changes no update: LoRA resumes with them.
+    memory = ["trainer.gradient_checkpointing=true", "trainer.eval_batch_size=3"] if variant == "lora" else []
+    resumed = lora("train", "recipe=banking_support", *args, *memory, "resume=auto", f"hydra.run.dir={run_dir}")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stderr
     expected = load_file(tmp_path / "reference/adapter/adapter_model.safetensors")
@@ -75,6 +77,11 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, variant):
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert losses(run_dir) == losses(tmp_path / "reference")
+    if variant == "lora":  # resume=auto once more: the run is complete, nothing is touched
+        finished = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts}
+        again = lora("train", "recipe=banking_support", *args, "resume=auto", f"hydra.run.dir={run_dir}")
+        assert again.returncode == 0 and "complete already" in " ".join(again.stderr.split()), again.stderr
+        assert finished == {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts}
     bf16 = "trainer.precision=bf16" in args and cpu_has_bf16()
     assert json.loads((run_dir / "run.json").read_text())["result"]["precision"] == ("bf16" if bf16 else "fp32")
 

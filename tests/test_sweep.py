@@ -32,6 +32,13 @@ def test_rank_sweep_summarises_every_job(tmp_path):
     assert (tmp_path / "summary.png").stat().st_size > 0
     assert len(list(tmp_path.glob("*/adapter/adapter_model.safetensors"))) == 2
     assert "sorted by eval_loss" in " ".join(proc.stdout.split())  # the title may wrap
+    # The sweep again with resume=auto, as after an interruption to finish the jobs it never reached: the finished
+    # jobs have nothing to do (no refusal, exit 0), and resume= is no swept setting.
+    again = lora("train", *SWEEP, "adapter.r=2,4", "trainer.eval_at_end=true", "eval.max_samples=4",
+                 "eval.max_new_tokens=4", "resume=auto", f"hydra.sweep.dir={tmp_path}")
+    assert again.returncode == 0, again.stderr
+    assert " ".join(again.stderr.split()).count("complete already") == 2
+    assert sorted(r["swept"] for r in read_summary(tmp_path)) == ["adapter.r=2", "adapter.r=4"]
     # An eval.json cut short (edited by hand) leaves training's numbers in its row, and the row says why.
     (tmp_path / rows[0]["run"] / "eval.json").write_text('{"adapter": {"accur')
     assert lora("report", str(tmp_path)).returncode == 0
