@@ -169,9 +169,11 @@ def eval_table(report: dict) -> None:
         table.add_row(name, fmt.format(report["base"][key]), fmt.format(report["adapter"][key]))
     stdout.print(table)
     if report.get("trained_on"):
+        own_split = not any(o.lstrip("+~").startswith("dataset") for o in report.get("overrides", []))
+        fix = "the data has these conversations in both splits: remove the duplicates and train again" if own_split \
+            else "evaluate on data it did not train on (the run's own eval split: leave the dataset as trained)"
         console.print(f"[yellow]warning: {report['trained_on']} of these {report['examples']} eval examples are in "
-                      "the run's training data, so the numbers flatter the adapter; evaluate on data it did not "
-                      "train on (the run's own eval split: leave the dataset as trained)[/]")
+                      f"the run's training data, so the numbers flatter the adapter; {fix}[/]")
     confused = report["adapter"].get("confused")
     if confused:
         pairs = Table(title=f"most confused labels, with adapter ({mode})", title_justify="left")

@@ -63,6 +63,12 @@ def test_eval_examples_that_are_also_train_examples_are_flagged(tiny_run, tmp_pa
     plan = lora("train", "--dry-run", "recipe=banking_support", *TINY, "dataset=jsonl", f"dataset.path={data}")
     assert plan.returncode == 0, plan.stderr
     assert "warning: 2 of 2 eval examples are also in the train split" in " ".join(plan.stderr.split())
+    # `lora eval` on the run's own eval split: the advice is to fix the data, not to "leave the dataset as trained"
+    evaluated = lora("eval", f"run={tmp_path / 'run'}", "eval.max_new_tokens=2")
+    assert evaluated.returncode == 0, evaluated.stderr
+    warning = " ".join(evaluated.stderr.split())
+    assert "in the run's training data" in warning and "remove the duplicates" in warning
+    assert "leave the dataset as trained" not in warning
 
 
 def test_provenance_in_safetensors_metadata(tiny_run):
