@@ -58,6 +58,16 @@ HYDRA_MODES = {"--run": "run", "-r": "run", "-m": "multirun", "--multirun": "mul
                "--info": "info", "-i": "info", "--shell-completion": "completion", "-sc": "completion"}
 
 
+def config_groups() -> str:
+    """The groups and their options, as `lora train --help` lists them: what GROUP=OPTION can pick."""
+    from lora_cli.overrides import group_options
+    from lora_cli.paths import shipped_dir
+
+    groups = group_options(shipped_dir("configs"), shipped_dir("recipes"))
+    return "\nconfig groups (GROUP=OPTION):\n" + "".join(f"  {name:<9}  {', '.join(options)}\n"
+                                                         for name, options in sorted(groups.items()))
+
+
 def command_help(command: str) -> str:
     """`lora eval|generate|merge|report --help`: the usage line, then the command's own keys with their defaults
     (read from configs/train.yaml, so the help cannot drift from them)."""
@@ -89,7 +99,7 @@ def with_known_flags(command: str, args: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
-        print(USAGE, end="")
+        print(USAGE + config_groups(), end="")
         return 0
     if args[0] == "--version":
         print(f"lora-cli {__version__}")

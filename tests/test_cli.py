@@ -27,6 +27,9 @@ def test_top_level_help_does_not_import_heavy_libraries():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "lora train" in proc.stdout
+    top_level_groups = proc.stdout.split("config groups (GROUP=OPTION):")[1].split()
+    train_help = lora("train", "--help").stdout.split("== Config groups (GROUP=OPTION) ==")[1].split("==")[0]
+    assert top_level_groups == train_help.replace(":", "").split()  # the contract: `lora --help | lora train --help`
 
 
 def test_train_help_lists_groups_and_options():
