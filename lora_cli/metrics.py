@@ -13,16 +13,34 @@ from pathlib import Path
 
 
 def to_line(record: dict) -> str:
-    """One record as a line of strict JSON, non-finite numbers as null."""
-    strict = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-              for key, value in record.items()}
-    return json.dumps(strict, allow_nan=False) + "\n"
+    """One record as a line of strict JSON, non-finite numbers as null (in lists too: S-LoRA's scales)."""
+    return json.dumps(_finite_or_null(record), allow_nan=False) + "\n"
+
+
+def _finite_or_null(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 def from_line(line: str) -> dict:
     """One record from its line; null numbers (non-finite when written) as NaN. Raises ValueError if the line
     is not JSON (e.g. cut short by a killed run)."""
-    return {key: math.nan if value is None else value for key, value in json.loads(line).items()}
+    return _null_as_nan(json.loads(line))
+
+
+def _null_as_nan(value):
+    if value is None:
+        return math.nan
+    if isinstance(value, dict):
+        return {key: _null_as_nan(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_null_as_nan(item) for item in value]
+    return value
 
 
 class MetricsLog:
