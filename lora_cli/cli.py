@@ -92,7 +92,7 @@ def with_known_flags(command: str, args: list[str]) -> list[str]:
     if unknown:
         raise UserError(f"unknown option {unknown[0]} for `lora {command}`; {did_you_mean(unknown[0], sorted(takes))}"
                         f"see `lora {command} --help`")
-    debug = ["debug=true"] if "--debug" in args and command != "report" else []
+    debug = ["debug=true"] if "--debug" in args and command == "train" else []  # the others: main() reads it
     return [a for a in args if a != "--debug"] + debug
 
 
@@ -449,6 +449,7 @@ def check_names(command: str, rest: list[str], names: tuple[str, ...], takes_key
 def run_on_finished_run(command: str, args: list[str]) -> int:
     """`lora eval|generate|merge run=RUN_DIR ...`: the run's config plus overrides, then the command."""
     named, rest = take_named(args, NAMED_ARGS[command])
+    rest = [a for a in rest if a.partition("=")[0] != "debug"]  # main()'s to read; not a setting eval.json records
     check_names(command, rest, NAMED_ARGS[command], takes_keys=True)
     missing = [name for name in REQUIRED_ARGS[command] if not named.get(name)]
     if missing:
@@ -464,7 +465,7 @@ def run_on_finished_run(command: str, args: list[str]) -> int:
     from lora_cli.runs import load_run_config
 
     quiet_libraries()
-    cfg = load_run_config(run_dir, rest)
+    cfg = load_run_config(run_dir, rest, command)
     if command == "eval":
         from lora_cli.evaluate import evaluate_run
 

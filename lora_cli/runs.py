@@ -60,9 +60,10 @@ def base_only(adapted: AdaptedModel):
                 weights[key].copy_(value)
 
 
-def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
+def load_run_config(run_dir: Path, overrides: list[str], command: str = "eval") -> RunConfig:
     """The run's config.yaml with overrides applied: `GROUP=OPTION` swaps a whole group for a shipped
-    option (e.g. dataset=banking77), `KEY=VALUE` sets one key (checked against the schema)."""
+    option (e.g. dataset=banking77), `KEY=VALUE` sets one key (checked against the schema; a typo's message
+    points at `lora COMMAND --help`)."""
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -119,7 +120,7 @@ def load_run_config(run_dir: Path, overrides: list[str]) -> RunConfig:
                 option = OmegaConf.load(configs / key / f"{value}.yaml")
                 cfg[key] = OmegaConf.merge(OmegaConf.structured(type(getattr(RunConfig(), key))), option)
             else:
-                ov.check_key(cfg, key)
+                ov.check_key(cfg, key, command)
                 check_not_retraining(key, override.input_line, cfg, path)
                 OmegaConf.update(cfg, key, override.value(), merge=False)
         except OmegaConfBaseException as exc:

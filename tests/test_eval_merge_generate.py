@@ -66,13 +66,14 @@ def test_eval_on_examples_the_run_trained_on_says_so(tiny_run, tmp_path):
     and warns. The run trained on 48 rows drawn from the train split; eval's 12 are drawn from it the same way."""
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run[0], run_dir)
-    proc = lora("eval", f"run={run_dir}", "dataset.eval_split=train", *EVAL_FAST)
+    proc = lora("eval", f"run={run_dir}", "dataset.eval_split=train", *EVAL_FAST, "--debug")
     assert proc.returncode == 0, proc.stderr
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["trained_on"] == report["examples"] == 12
     assert "warning: 12 of these 12 eval examples are in the run's training data" in " ".join(proc.stderr.split())
     assert "12 of these 12 examples were in the run's training data" in (run_dir / "README.md").read_text()
-    # What the numbers were measured on travels with them (they become the run's row in `lora report`).
+    # What the numbers were measured on travels with them (they become the run's row in `lora report`); --debug
+    # is how the command reports, not what it measured.
     assert report["overrides"] == ["dataset.eval_split=train", *EVAL_FAST]
     assert f"overrides of the run's config: `dataset.eval_split=train {' '.join(EVAL_FAST)}`" in \
         (run_dir / "README.md").read_text()
