@@ -95,14 +95,15 @@ def check_run_dir(run_dir: Path, resume: str | None, dir_key: str = "hydra.run.d
     folder of the user's own is never written into (a run writes README.md, config.yaml and more there).
     resume=auto on a finished run is the caller's to judge (the same config: nothing to do). dir_key: what picks
     the folder (a sweep's job folders are under hydra.sweep.dir)."""
+    named = f"hydra.run.dir={run_dir}" if dir_key == "hydra.run.dir" else f"{run_dir} (a job folder in {dir_key})"
     if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{run_dir} is a file, not a folder; pick a new or empty folder ({dir_key})")
+        raise UserError(f"{named} is a file, not a folder; pick a new or empty folder")
     found = sorted(p.name for p in run_dir.iterdir() if p.name not in (HYDRA_RECORD, LOCK_FILE)) \
         if run_dir.is_dir() else []
     if found and not written_by_a_run(run_dir):
-        raise UserError(f"{run_dir} holds files that no lora run wrote ({', '.join(found[:3])}"
+        raise UserError(f"{named} holds files that no lora run wrote ({', '.join(found[:3])}"
                         f"{', ...' if len(found) > 3 else ''}) and a run would write README.md, config.yaml and more "
-                        f"there; pick a new or empty folder ({dir_key})")
+                        "there; pick a new or empty folder")
     if (run_dir / "adapter").exists() and resume != "auto":
         raise UserError(f"{run_dir} already holds a trained adapter; pick another {dir_key} or move that run away")
     existing = complete_checkpoints(run_dir)

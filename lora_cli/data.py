@@ -60,10 +60,12 @@ def resolve_path(path: str) -> Path:
 def _split_file(folder: Path, split: str) -> Path:
     """The split's file in a dataset folder. Whatever exists under the name is returned, so that a directory
     or an unreadable file there is reported as such rather than as a missing split."""
-    for suffix in FILE_BUILDERS:
-        candidate = folder / f"{split}{suffix}"
-        if candidate.exists():
-            return candidate
+    found = [folder / f"{split}{suffix}" for suffix in FILE_BUILDERS if (folder / f"{split}{suffix}").exists()]
+    if len(found) > 1:
+        raise UserError(f"{folder} holds {len(found)} {split} files ({', '.join(p.name for p in found)}) and one "
+                        "would be read without the others; keep one, or merge them")
+    if found:
+        return found[0]
     present = ", ".join(sorted(p.name for p in folder.iterdir() if p.suffix in FILE_BUILDERS)) or "none"
     raise UserError(f"no {split} file in {folder} (looked for {split}.jsonl/.json/.csv/.parquet; "
                     f"data files present: {present}); set dataset.train_split/eval_split to match")
@@ -79,6 +81,8 @@ def _load_file(path: Path, cfg: DatasetConfig):
         rows = _scan_jsonl(path, cfg)
     elif path.suffix == ".json":
         rows = _json_array(path, cfg)  # None for another layout, which `datasets` reads (or reports)
+        if rows is None and _opens_with_an_object_line(path):  # JSON Lines saved as .json: read as .jsonl is
+            rows = _scan_jsonl(path, cfg)
     elif path.suffix == ".csv":
         _scan_csv(path)
         options = _csv_as_text(path)
@@ -170,6 +174,17 @@ def _scan_jsonl(path: Path, cfg: DatasetConfig) -> list[dict]:
     return rows
 
 
+def _opens_with_an_object_line(path: Path) -> bool:
+    """Whether the file's first non-blank line is a JSON object on its own: JSON Lines (a file that is one
+    object, a wrapper such as {"data": [...]}, opens with one too, and is then refused as a row)."""
+    with open(path, encoding="utf-8-sig", errors="replace") as lines:
+        first = next((line for line in lines if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+
+
 def _json_array(path: Path, cfg: DatasetConfig) -> list[dict] | None:
     """A .json file that is one array of objects, read and checked as JSONL is (the same type inference otherwise);
     None for anything else, which `datasets` reads as before (JSON Lines saved as .json) or reports."""
@@ -187,13 +202,19 @@ def _json_array(path: Path, cfg: DatasetConfig) -> list[dict] | None:
 
 
 def _checked_row(raw: dict, cfg: DatasetConfig, where: str) -> dict:
-    """A parsed JSON row, its booleans as the file writes them, checked as a row (columns renamed)."""
+    """A parsed JSON row, its booleans as the file writes them, checked as a row (columns renamed), and kept to
+    what training reads: a column it does not use (metadata of one type here, another there) or a turn's other
+    keys would make the rows unreadable as one table ("cannot mix struct and non-struct")."""
     row = {k: json.dumps(v) if isinstance(v, bool) else v for k, v in raw.items()}
     renames = column_renames(list(row), cfg, where)
     problem = _row_problem({renames.get(k, k): v for k, v in row.items()}, cfg)
     if problem:
         raise UserError(f"{where}: {problem}")
-    return row
+    needed = _needed_columns(cfg)
+    kept = {k: v for k, v in row.items() if renames.get(k, k) in needed}
+    if cfg.format == "messages":
+        kept = {k: [{"role": t["role"], "content": t["content"]} for t in turns] for k, turns in kept.items()}
+    return kept
 
 
 def _scan_csv(path: Path) -> None:
@@ -208,6 +229,10 @@ def _scan_csv(path: Path) -> None:
         if "" in header:
             raise UserError(f"{path}:1: the header has an empty column name (column {header.index('') + 1}); "
                             "name every column, or remove the trailing comma")
+        twice = next((name for i, name in enumerate(header) if name in header[:i]), None)
+        if twice is not None:  # pandas would read one of them and drop the other without a word
+            raise UserError(f"{path}:1: the header names column {twice!r} twice (columns {header.index(twice) + 1} "
+                            f"and {header.index(twice, header.index(twice) + 1) + 1}); give each column its own name")
         rows = 0
         for row in reader:
             if not any(cell.strip() for cell in row):  # blank lines, which pandas skips too
@@ -447,17 +472,29 @@ def _messages_problem(turns, column: str) -> str | None:
         if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
             return (f"{column}[{i}] is not a turn with string role and content: {_shown(turn)}; write it as "
                     '{"role": "user", "content": "..."}')
+        unsupported = next((key for key in ("tool_calls", "function_call") if turn.get(key)), None)
+        weight = turn.get("weight")  # OpenAI's format: 0 for a turn not to learn (numbers are read as text)
+        if unsupported or str(weight) not in ("None", "1", "1.0"):
+            what = f"a {unsupported}" if unsupported else f"weight {weight}"
+            return (f"{column}[{i}] has {what}, which lora-cli does not train on (only each turn's role and content "
+                    "are read, so the reply would be learnt without it); drop such turns or rows")
     roles = [turn["role"] for turn in turns]
     if "assistant" not in roles:
         return (f"no assistant turn in {column} (roles: {', '.join(roles)}), so there is nothing to learn; "
                 "add the reply as a turn with role \"assistant\"")
-    if "assistant" not in roles[1:]:  # an opening assistant turn answers nothing (tokenize_conversation)
-        return (f"the only assistant turn in {column} opens the conversation, so it answers nothing and there is "
-                "nothing to learn; add the user's turn before it")
+    if not any(is_reply(roles, i) for i in range(len(roles))):
+        return (f"no assistant turn in {column} follows a user's turn, so none answers anything and there is "
+                "nothing to learn; add the user's turn before the reply")
     empty = [i for i, turn in enumerate(turns) if turn["role"] == "assistant" and not turn["content"].strip()]
     if empty:
         return f"{column}[{empty[0]}] is an empty assistant reply, so there is nothing to learn; fill it in"
     return None
+
+
+def is_reply(roles: list[str], i: int) -> bool:
+    """Whether turn i is a reply, to learn: an assistant turn after some non-system turn. One that opens the
+    conversation (a greeting), after a system prompt or not, answers nothing: it is context, as a prompt is."""
+    return roles[i] == "assistant" and any(role != "system" for role in roles[:i])
 
 
 def _shown(value, limit: int = 60) -> str:
@@ -486,8 +523,9 @@ def tokenize_conversation(messages: list[dict], tokenizer, train_on_prompt: bool
     """Token ids and labels of one conversation, rendered turn by turn with the chat template.
 
     Each turn's text is the difference between the rendering of the conversation up to it and up to the
-    turn before, so the token stream is exactly what the template produces, and assistant contents
-    (with their end-of-turn token) are the only labels unless `train_on_prompt`."""
+    turn before, so the token stream is exactly what the template produces, and replies (`is_reply`) with what the
+    template closes them with (SmolLM2's `<|im_end|>` and its newline) are the only labels unless
+    `train_on_prompt`."""
     input_ids: list[int] = []
     labels: list[int] = []
     rendered = ""
@@ -497,16 +535,15 @@ def tokenize_conversation(messages: list[dict], tokenizer, train_on_prompt: bool
         input_ids.extend(ids)
         labels.extend(ids if trainable or train_on_prompt else [IGNORE_INDEX] * len(ids))
 
-    for i, message in enumerate(messages):
-        # An assistant turn that opens the conversation (a greeting) answers nothing: it is context, as a prompt
-        # is, and a template cannot render the empty conversation before it.
-        is_reply = message["role"] == "assistant" and i > 0
-        if is_reply:  # the "<|im_start|>assistant\n" header is prompt, not something to learn
+    roles = [message["role"] for message in messages]
+    for i in range(len(messages)):
+        reply = is_reply(roles, i)  # (a template cannot render the empty conversation before an opening turn)
+        if reply:  # the "<|im_start|>assistant\n" header is prompt, not something to learn
             header = _render(tokenizer, messages[:i], add_generation_prompt=True, prefix=rendered)
             append(header[len(rendered):], trainable=False)
             rendered = header
         full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, prefix=rendered)
-        append(full[len(rendered):], trainable=is_reply)
+        append(full[len(rendered):], trainable=reply)
         rendered = full
     return {"input_ids": input_ids, "labels": labels}
 

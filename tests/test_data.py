@@ -42,6 +42,10 @@ def test_an_opening_assistant_turn_is_context_not_a_reply(tokenizer):
     example = tokenize_conversation(chat, tokenizer, train_on_prompt=False)
     assert tokenizer.decode(example["input_ids"]) == tokenizer.apply_chat_template(chat, tokenize=False)
     assert label_text(tokenizer, example) == "lost_or_stolen_card\nFreeze it in the app.<|im_end|>\n"
+    # After a system prompt (the dataset's, or the row's own) the greeting still answers nothing: it was learnt.
+    chat = [{"role": "system", "content": "You are a bank."}, *chat]
+    assert label_text(tokenizer, tokenize_conversation(chat, tokenizer, train_on_prompt=False)) == \
+        "lost_or_stolen_card\nFreeze it in the app.<|im_end|>\n"
 
 
 def test_a_chat_template_that_refuses_the_data_says_so_in_one_line(tmp_path, tiny_checkpoint):
@@ -124,14 +128,18 @@ def test_csv_cells_are_read_as_the_text_they_are(tmp_path):
     assert replies == {"00507", "None", "NA", "1.50"}
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
-def test_json_numbers_and_booleans_are_read_as_the_text_they_are(tmp_path, suffix):
+@pytest.mark.parametrize("suffix, layout", [(".jsonl", "lines"), (".json", "array"), (".json", "lines")])
+def test_json_numbers_and_booleans_are_read_as_the_text_they_are(tmp_path, suffix, layout):
     """`datasets` inferred a column type: in a completion column holding 3 and 2.5 the 3 trained as "3.0", a long
-    integer in a column with a float lost its digits, and true trained as "True". JSON Lines, or one array."""
+    integer in a column with a float lost its digits, and true trained as "True". JSON Lines, one array, or JSON
+    Lines saved as .json. A column training does not read, holding an object here and text there, made the rows
+    unreadable as one table ("cannot mix struct and non-struct")."""
     path = tmp_path / f"numbers{suffix}"
     replies = ["3", "2.5", "12345678901234567", "1.50", "1e3", "true", '"00507"']  # as written in the file
-    lines = [f'{{"prompt": "question {i}", "completion": {reply}}}' for i, reply in enumerate(replies)]
-    path.write_text("\n".join(lines) + "\n" if suffix == ".jsonl" else "[" + ",\n".join(lines) + "]\n")
+    metadata = ['{"source": "web"}', '"web"']
+    lines = [f'{{"prompt": "question {i}", "completion": {reply}, "meta": {metadata[i % 2]}}}'
+             for i, reply in enumerate(replies)]
+    path.write_text("\n".join(lines) + "\n" if layout == "lines" else "[" + ",\n".join(lines) + "]\n")
     cfg = compose_run(["dataset=jsonl", f"dataset.path={path}", "dataset.format=columns",
                        "dataset.eval_size=1"]).dataset
     train, evaluation = load_train_eval(cfg)

@@ -91,7 +91,7 @@ def test_a_sweep_job_never_writes_into_a_folder_of_the_users_files(tmp_path):
     notes.write_text("my notes")
     proc = lora("train", *SWEEP, "adapter.r=2", f"hydra.sweep.dir={tmp_path}")
     assert proc.returncode == 1 and "holds files that no lora run wrote (README.md)" in proc.stderr
-    assert "(hydra.sweep.dir)" in " ".join(proc.stderr.split())
+    assert "(a job folder in hydra.sweep.dir)" in " ".join(proc.stderr.split())
     assert notes.read_text() == "my notes" and not (notes.parent / "adapter").exists()
 
 
