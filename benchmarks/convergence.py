@@ -194,9 +194,9 @@ def full_ft_worker(run_dir: Path, deadline: float, overrides: list[str]) -> None
     from accelerate.utils import set_seed
 
     from lora_cli.config import compose
-    from lora_cli.data import micro_batches, prepare, take
+    from lora_cli.data import micro_batches, predicted_labels, prepare, take
     from lora_cli.models import load_model, load_tokenizer, resolve_checkpoint
-    from lora_cli.train import build_optimizer, eval_batches, evaluate_loss, predicted_labels, token_loss_sum
+    from lora_cli.train import build_optimizer, eval_batches, evaluate_loss, token_loss_sum
 
     started = time.perf_counter()
     cfg = compose(overrides)

@@ -32,9 +32,9 @@ def main() -> None:
     from lora_cli import adapters
     from lora_cli.adapters.fused import FusedLoraLinear
     from lora_cli.config import compose
-    from lora_cli.data import micro_batches, prepare, take
+    from lora_cli.data import micro_batches, predicted_labels, prepare, take
     from lora_cli.models import load_model, load_tokenizer, resolve_checkpoint
-    from lora_cli.train import compile_blocks, compile_variants, keep_freed_memory, predicted_labels, token_loss_sum
+    from lora_cli.train import compile_blocks, compile_variants, keep_freed_memory, token_loss_sum
 
     keep_freed_memory()
     cfg = compose(lora_args("smollm2_135m", options.steps + 2, None))

@@ -134,8 +134,7 @@ def attention(config, batch: int, length: int):
 
 def replayed_steps(cfg, tokenizer, steps: range) -> list[dict]:
     """The benchmark's steps as `lora train` batches them: sizes, labelled positions, causal pairs."""
-    from lora_cli.data import micro_batches, prepare, take
-    from lora_cli.train import predicted_labels
+    from lora_cli.data import micro_batches, predicted_labels, prepare, take
 
     train_split, _, _ = prepare(cfg.dataset, tokenizer)
     size = cfg.trainer.batch_size

@@ -214,9 +214,9 @@ def eval_worker(spec: dict) -> None:
     from peft import PeftModel
 
     from lora_cli.config import compose
-    from lora_cli.data import micro_batches, prepare, take
+    from lora_cli.data import micro_batches, predicted_labels, prepare, take
     from lora_cli.models import load_model, load_tokenizer, resolve_checkpoint
-    from lora_cli.train import eval_batches, evaluate_loss, predicted_labels
+    from lora_cli.train import eval_batches, evaluate_loss
 
     cfg = compose(spec["overrides"])
     checkpoint = resolve_checkpoint(cfg.model)

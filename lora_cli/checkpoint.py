@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lora_cli import metrics
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, first_line
 from lora_cli.paths import full_disk_as_error, publish, staging_dir
 from lora_cli.sweep import RUN_RECORD
 
@@ -190,7 +190,7 @@ def check_intact(path: Path) -> None:
             earlier = siblings[:siblings.index(path.resolve())] if path.resolve() in siblings else []
             instead = f"resume from the one before with resume={earlier[-1]}" if earlier else \
                 "it is the run's only one: start a new run"
-            reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+            reason = first_line(exc, 120)
             raise UserError(f"checkpoint {path} is damaged ({name}: {reason}); {instead}") from None
 
 

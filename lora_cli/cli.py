@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lora_cli import __version__
-from lora_cli.errors import UserError, did_you_mean
+from lora_cli.errors import UserError, did_you_mean, first_line
 
 USAGE = """\
 usage: lora COMMAND [GROUP=OPTION ...] [KEY=VALUE ...]
@@ -394,7 +394,7 @@ def terminate_as_interrupt():
 
 def one_line_reason(exc: BaseException) -> str:
     """An exception as the one line that run.json and the terminal give as the reason."""
-    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def _train(cfg, run_dir: Path, command: str) -> dict:

@@ -16,13 +16,19 @@ from functools import lru_cache
 from pathlib import Path
 
 from lora_cli.config import DatasetConfig
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, first_line
 from lora_cli.paths import PACKAGE_DIR
 
 IGNORE_INDEX = -100
 BUILTIN_PREFIX = "builtin://"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HOLDOUT_SEED = 0  # the held-out eval split must not move when the training seed changes
+
+
+def predicted_labels(example: dict) -> int:
+    """Label tokens of one example that a loss is computed on (position 0 is never predicted: with
+    train_on_prompt its label is set, and nothing is computed on it)."""
+    return sum(t != IGNORE_INDEX for t in example["labels"][1:])
 
 
 @dataclass
@@ -41,7 +47,7 @@ class TokenizedSplit:
 
     @property
     def label_tokens(self) -> int:
-        return sum(sum(t != IGNORE_INDEX for t in e["labels"]) for e in self.examples)
+        return sum(map(predicted_labels, self.examples))
 
     @property
     def longest(self) -> int:
@@ -150,8 +156,7 @@ def _first_line(exc: BaseException) -> str:
         if (inner := exc.__cause__ or exc.__context__) is None:
             break
         exc = inner
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    return first_line(exc)
 
 
 def _scan_jsonl(path: Path, cfg: DatasetConfig) -> list[dict]:
@@ -590,7 +595,7 @@ def tokenize_split(conversations: list[list[dict]], tokenizer, cfg: DatasetConfi
         if len(example["input_ids"]) > cfg.max_seq_len:
             split.truncated += 1
             example = {k: v[: cfg.max_seq_len] for k, v in example.items()}
-        if all(t == IGNORE_INDEX for t in example["labels"][1:]):  # position 0 is never predicted
+        if not predicted_labels(example):  # position 0 is never predicted
             split.dropped += 1
             continue
         split.examples.append(example)

@@ -23,3 +23,11 @@ def did_you_mean(typed: str, candidates, shown: str = "{}", cutoff: float = 0.6)
     near: most wrong names and values are typos of a right one."""
     near = difflib.get_close_matches(typed, list(candidates), n=1, cutoff=cutoff)
     return f"did you mean {shown.format(near[0])}? " if near else ""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """An exception's message as one line for a one-line error (its first line, cut at `limit`), or its type's
+    name where it has no message: `str(exc).splitlines()[0]` raised IndexError on an empty one."""
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else type(exc).__name__
+    return text if limit is None else text[:limit]

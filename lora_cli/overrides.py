@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from lora_cli.errors import UserError, did_you_mean
+from lora_cli.errors import UserError, did_you_mean, first_line
 
 # Hydra flags that take the next argument as their value.
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -40,7 +40,7 @@ def parse(overrides: list[str]):
     try:
         return OverridesParser.create().parse_overrides(overrides)
     except HydraException as exc:
-        raise UserError(f"cannot parse overrides: {str(exc).splitlines()[0]}; quote a value that holds spaces, "
+        raise UserError(f"cannot parse overrides: {first_line(exc)}; quote a value that holds spaces, "
                         "commas or brackets, e.g. \"key='a value'\"") from None
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 from lora_cli import adapters, flops
 from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
-from lora_cli.data import prepare
+from lora_cli.data import predicted_labels, prepare
 from lora_cli.models import check_positions, default_device, load_tokenizer, reading, resolve_checkpoint
-from lora_cli.train import epochs_of, is_eval_step, mixed_precision, precision_name, predicted_labels, total_steps
+from lora_cli.train import epochs_of, is_eval_step, mixed_precision, precision_name, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

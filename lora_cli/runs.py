@@ -10,7 +10,7 @@ from pathlib import Path
 from lora_cli.adapters.lora import prepare_4bit_base
 from lora_cli.artifacts import BASE_WEIGHTS
 from lora_cli.config import RunConfig, to_run_config
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, first_line
 from lora_cli.models import Checkpoint, default_device, load_model, load_tokenizer, resolve_checkpoint
 from lora_cli.overrides import hydra_quoted
 from lora_cli.report import console
@@ -156,7 +156,7 @@ def check_adapter(run_dir: Path) -> Path:
                 f.get_tensor(name)
     except Exception as exc:
         raise UserError(f"{adapter_dir / 'adapter_model.safetensors'} is corrupted or unreadable "
-                        f"({str(exc).splitlines()[0][:120]}); restore it or re-run training") from None
+                        f"({first_line(exc, 120)}); restore it or re-run training") from None
     return adapter_dir
 
 
@@ -182,7 +182,7 @@ def apply_base_weights(base, adapter_dir: Path, required: bool) -> dict:
     try:
         trained = load_file(path)
     except Exception as exc:
-        raise UserError(f"{path} is corrupted or unreadable ({str(exc).splitlines()[0][:120]}); restore it or "
+        raise UserError(f"{path} is corrupted or unreadable ({first_line(exc, 120)}); restore it or "
                         "re-run training") from None
     state = base.state_dict()
     unknown = sorted(k for k in trained if k not in state or state[k].shape != trained[k].shape)

@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from rich.markup import escape
 
 from lora_cli import metrics
-from lora_cli.errors import UserError, did_you_mean
+from lora_cli.errors import UserError, did_you_mean, first_line
 from lora_cli.paths import write_atomic
 
 RUN_RECORD = "run.json"
@@ -104,7 +104,7 @@ def read_json(path: Path) -> dict:
     try:
         found = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        return {"status": "unreadable", "reason": f"{path.name}: {str(exc).splitlines()[0]}"}
+        return {"status": "unreadable", "reason": f"{path.name}: {first_line(exc)}"}
     return found if isinstance(found, dict) else {"status": "unreadable", "reason": f"{path.name}: not an object"}
 
 

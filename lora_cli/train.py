@@ -19,8 +19,8 @@ from pathlib import Path
 from lora_cli import adapters, artifacts, checkpoint, launched
 from lora_cli.checkpoint import TrainState
 from lora_cli.config import RunConfig, TrainerConfig
-from lora_cli.data import IGNORE_INDEX, TokenizedSplit, collate, micro_batches, prepare, take
-from lora_cli.errors import Interrupted, UserError
+from lora_cli.data import IGNORE_INDEX, TokenizedSplit, collate, micro_batches, predicted_labels, prepare, take
+from lora_cli.errors import Interrupted, UserError, first_line
 from lora_cli.metrics import MetricsLog
 from lora_cli.models import attention_in_fp32, check_positions, load_model, load_tokenizer, resolve_checkpoint
 from lora_cli.report import console, print_data_plan, print_summary, progress_bar
@@ -110,7 +110,7 @@ def compile_failure(device) -> str | None:
     try:
         torch.compile(lambda x: x * 2 + 1)(torch.ones(8, device=device))
     except Exception as exc:  # noqa: BLE001 (any failure means: train eagerly)
-        return str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        return first_line(exc, 160)
     return None
 
 
@@ -209,11 +209,6 @@ def final_hidden_states(model, inputs: dict):
 
 def count_label_tokens(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
-def predicted_labels(example: dict) -> int:
-    """Label tokens of one example that a loss is computed on (position 0 is never predicted)."""
-    return sum(t != IGNORE_INDEX for t in example["labels"][1:])
 
 
 def evaluate_loss(model, loader, device, head) -> float:

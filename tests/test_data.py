@@ -71,6 +71,10 @@ def test_a_chat_template_that_refuses_the_data_says_so_in_one_line(tmp_path, tin
 def test_train_on_prompt_labels_everything(tokenizer):
     example = tokenize_conversation(CHAT, tokenizer, train_on_prompt=True)
     assert example["labels"] == example["input_ids"]
+    # What the plan calls "with labels" (and counts FLOPs by) is what a loss is computed on: not position 0
+    cfg = compose_run(["recipe=banking_support", "dataset.train_on_prompt=true"]).dataset
+    train_split, _, _ = prepare(cfg, tokenizer)
+    assert train_split.label_tokens == train_split.tokens - len(train_split.examples)
 
 
 def test_every_assistant_turn_of_a_multi_turn_chat_is_learned(tokenizer):
