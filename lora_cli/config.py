@@ -342,7 +342,7 @@ class TrainerConfig:
 class EvalConfig:
     """`lora eval`: how much to evaluate and how to generate the replies it scores (greedy)."""
 
-    max_samples: int | None = None  # first N examples of the eval split; null = all
+    max_samples: int | None = None  # N examples of the eval split, a fixed random subset (data.sample); null = all
     batch_size: int = 16
     max_new_tokens: int = 64
     show_samples: int = 5  # sample generations printed and kept in eval.json

@@ -21,7 +21,6 @@ from pathlib import Path
 
 from lora_cli.config import RunConfig
 from lora_cli.data import (
-    collate,
     conversation_text,
     eval_split_of,
     load_train_eval,
@@ -45,7 +44,7 @@ from lora_cli.labels import (
 from lora_cli.paths import write_atomic
 from lora_cli.report import console, eval_table, progress_steps
 from lora_cli.runs import base_only, load_adapted, load_run_config
-from lora_cli.train import evaluate_loss
+from lora_cli.train import eval_batches, evaluate_loss
 
 CARD_START, CARD_END = "<!-- lora eval -->", "<!-- /lora eval -->"
 DECODING = {"generate": "greedy", "constrained": "greedy constrained to the label set",
@@ -227,9 +226,7 @@ def evaluate_run(run_dir: Path, cfg: RunConfig, overrides: list[str] | None = No
         console.print(f"[yellow]warning: {split.dropped} of {len(conversations)} eval examples keep no reply token "
                       f"within dataset.max_seq_len={cfg.dataset.max_seq_len}: the loss leaves them out (the task "
                       "metric does not)[/]")
-    examples = sorted(split.examples, key=lambda e: len(e["input_ids"]))
-    batches = [collate(examples[i:i + cfg.eval.batch_size], pad_id=tokenizer.pad_token_id)
-               for i in range(0, len(examples), cfg.eval.batch_size)]
+    batches = eval_batches(split, cfg.eval.batch_size, tokenizer.pad_token_id)
 
     results, outputs = {}, {}
     for name in ("base", "adapter"):

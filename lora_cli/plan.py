@@ -13,7 +13,7 @@ from lora_cli.artifacts import resident_memory
 from lora_cli.config import RunConfig
 from lora_cli.data import predicted_labels, prepare
 from lora_cli.models import check_positions, default_device, load_tokenizer, reading, resolve_checkpoint
-from lora_cli.train import epochs_of, is_eval_step, mixed_precision, precision_name, total_steps
+from lora_cli.train import epochs_of, examples_per_step, is_eval_step, mixed_precision, precision_name, total_steps
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -91,7 +91,7 @@ def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:
     train_split, eval_split, _ = prepare(cfg.dataset, tokenizer)
     check_positions(checkpoint, cfg.model, max(train_split.longest, eval_split.longest))
     held = 0 if torch.cuda.is_available() else resident_memory() - resolving
-    step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * cfg.trainer.num_processes
+    step_size = examples_per_step(cfg.trainer, cfg.trainer.num_processes)
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
     model = adapters.build(cfg.adapter, cfg.trainer, steps).apply(meta_model(checkpoint, cfg))
     trainable, total = model.get_nb_trainable_parameters()

@@ -234,6 +234,11 @@ def is_eval_step(step: int, steps: int, eval_every: int) -> bool:
     return step % eval_every == 0 or step == steps
 
 
+def examples_per_step(trainer: TrainerConfig, processes: int) -> int:
+    """One optimizer step's examples: micro-batches of batch_size, grad_accum of them, on every process."""
+    return trainer.batch_size * trainer.grad_accum * processes
+
+
 def total_steps(trainer: TrainerConfig, examples: int, step_size: int) -> int:
     if trainer.max_steps:
         return trainer.max_steps
@@ -422,7 +427,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     if resume_from:
         checkpoint.check_same_data(resume_from, data_fingerprint)
     check_positions(base, cfg.model, max(train_split.longest, eval_split.longest))
-    step_size = cfg.trainer.batch_size * cfg.trainer.grad_accum * world  # examples per optimizer step
+    step_size = examples_per_step(cfg.trainer, world)
     steps = total_steps(cfg.trainer, len(train_split.examples), step_size)
     # Sharded parameters are gathered by hooks on the modules whose forward runs; the fused LoRA layer reads
     # its sub-layers' weights directly, so it stays with peft's forward there.
