@@ -192,7 +192,7 @@ def _opens_with_an_object_line(path: Path) -> bool:
 
 def _json_array(path: Path, cfg: DatasetConfig) -> list[dict] | None:
     """A .json file that is one array of objects, read and checked as JSONL is (the same type inference otherwise);
-    None for anything else, which `datasets` reads as before (JSON Lines saved as .json) or reports."""
+    None for anything else: JSON Lines saved as .json (read as .jsonl is), or a layout `datasets` reads or reports."""
     try:
         items = json.loads(path.read_text(encoding="utf-8-sig"), parse_int=str, parse_float=str)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
