@@ -85,8 +85,9 @@ def command_help(command: str) -> str:
 
 
 def with_known_flags(command: str, args: list[str]) -> list[str]:
-    """The arguments with `--debug` as the `debug=true` it stands for; an option the command does not take is an
-    error naming the nearest one (`--dryrun` was Hydra's ten-line usage)."""
+    """The arguments without `--debug` (for `lora train`, with the `debug=true` it stands for: the job reads it;
+    main() reads it for the others); an option the command does not take is an error naming the nearest one
+    (`--dryrun` was Hydra's ten-line usage)."""
     takes = TRAIN_FLAGS if command == "train" else {"--debug"}
     unknown = [a for a in args if a.startswith("-") and "=" not in a and a not in takes]
     if unknown:

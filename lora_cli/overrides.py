@@ -236,10 +236,9 @@ def one_line(exc: Exception) -> str:
 def run_dir(configs_dir: Path, recipes_dir: Path, args: list[str], config_name: str = "train") -> str:
     """The run dir Hydra would make for these overrides (hydra.run.dir, resolved now)."""
     from hydra import compose, initialize_config_dir
-
-    _, overrides = split_argv(args)
     from omegaconf.errors import OmegaConfBaseException
 
+    _, overrides = split_argv(args)
     with initialize_config_dir(str(configs_dir), version_base="1.3"):
         cfg = compose(config_name, overrides=overrides, return_hydra_config=True)
     try:
