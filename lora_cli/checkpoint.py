@@ -25,10 +25,8 @@ from pathlib import Path
 from lora_cli import metrics
 from lora_cli.errors import UserError, first_line
 from lora_cli.paths import full_disk_as_error, publish, staging_dir
-from lora_cli.sweep import RUN_RECORD
+from lora_cli.rundir import FOLDER, STATE, complete_checkpoints
 
-FOLDER = "checkpoints"
-STATE = "state.json"
 # Keys that may differ between a checkpoint's run and the run resuming it: they change no update. The launch
 # keys say how the processes start and where they meet (machine_rank differs between the machines of one run).
 # The memory keys are what one changes to resume a run that ran out of memory: recomputed activations are the
@@ -48,101 +46,6 @@ class TrainState:
     tokens: int = 0
     train_time: float = 0.0
     data_fingerprint: str = ""  # data.prepare's hash of the examples: a resumed run must train on the same ones
-
-
-def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / FOLDER / f"step-{step:06d}"
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """The run's checkpoints with their state written, oldest first: by step number, since past step 999,999 the
-    names outgrow their zero padding and sort wrongly as text."""
-    folder = run_dir / FOLDER
-    found = [p for p in folder.glob("step-*") if (p / STATE).is_file()] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]) if p.name[5:].isdigit() else -1)
-
-
-# Hydra's record of a job: Hydra writes it into a sweep's job folder before the job can check that folder, so it
-# proves nothing, and a folder holding only it is as good as empty.
-HYDRA_RECORD = ".hydra"
-LOCK_FILE = ".lock"  # held by the run writing into the folder (claim_run_dir)
-
-
-def written_by_a_run(run_dir: Path) -> bool:
-    """Whether a lora run has been in this folder: a checkpoint with its state, a run record with lora's fields, or
-    metrics in lora's shape (empty until the first record). Names alone prove nothing: a user's folder may hold a
-    `checkpoints/` or a `metrics.jsonl` of its own, and its README.md would be overwritten."""
-    if complete_checkpoints(run_dir):
-        return True
-    if {"status", "overrides"} <= _json_object(run_dir / RUN_RECORD, whole=True).keys():
-        return True
-    logged = run_dir / "metrics.jsonl"
-    return logged.is_file() and (logged.stat().st_size == 0 or "step" in _json_object(logged, whole=False))
-
-
-def _json_object(path: Path, whole: bool) -> dict:
-    """The JSON object in a file (or on its first line), {} where there is none."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.loads(f.read() if whole else f.readline())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def check_run_dir(run_dir: Path, resume: str | None, dir_key: str = "hydra.run.dir") -> None:
-    """A run dir is written by one run: a finished one is never touched, an unfinished one only resumed, and a
-    folder of the user's own is never written into (a run writes README.md, config.yaml and more there).
-    resume=auto on a finished run is the caller's to judge (the same config: nothing to do). dir_key: what picks
-    the folder (a sweep's job folders are under hydra.sweep.dir)."""
-    named = f"hydra.run.dir={run_dir}" if dir_key == "hydra.run.dir" else f"{run_dir} (a job folder in {dir_key})"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise UserError(f"{named} is a file, not a folder; pick a new or empty folder")
-    found = sorted(p.name for p in run_dir.iterdir() if p.name not in (HYDRA_RECORD, LOCK_FILE)) \
-        if run_dir.is_dir() else []
-    if found and not written_by_a_run(run_dir):
-        raise UserError(f"{named} holds files that no lora run wrote ({', '.join(found[:3])}"
-                        f"{', ...' if len(found) > 3 else ''}) and a run would write README.md, config.yaml and more "
-                        "there; pick a new or empty folder")
-    if (run_dir / "adapter").exists() and resume != "auto":
-        raise UserError(f"{run_dir} already holds a trained adapter; pick another {dir_key} or move that run away")
-    existing = complete_checkpoints(run_dir)
-    if existing and resume is None:
-        raise UserError(f"{run_dir} holds an unfinished run (checkpoint {existing[-1].name}); add resume=auto to "
-                        f"continue it, or pick another {dir_key}")
-
-
-def claim_run_dir(run_dir: Path):
-    """Hold the run dir for this run: the open lock file, released when it is closed or the process ends. Two runs
-    started in the same second get the same default (timestamped) run dir; they interleaved their metrics and
-    one adapter overwrote the other, both exiting 0."""
-    import fcntl
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = open(run_dir / LOCK_FILE, "w")  # noqa: SIM115 (held open: the lock lives as long as the handle)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(f"another lora run is writing into {run_dir} (runs started in the same second share the "
-                        "default run dir); pick another hydra.run.dir") from None
-    return handle
-
-
-def held_by_a_run(run_dir: Path) -> bool:
-    """Whether a lora run holds run_dir now (claim_run_dir's lock is taken): it is still training."""
-    import fcntl
-
-    try:
-        handle = open(run_dir / LOCK_FILE)  # noqa: SIM115 (closed below; read-only, so nothing is truncated)
-    except OSError:
-        return False
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-    return False
 
 
 def resolve_resume(resume: str | None, run_dir: Path) -> Path | None:

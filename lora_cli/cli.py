@@ -206,12 +206,13 @@ def preflight(run, run_dir: str | None) -> None:
     """The checks that need no model, made before Hydra creates a run dir: the launcher, the end-of-run eval's
     label mode, the run dir's rules, the checkpoint to resume from, the data files and their rows."""
     from lora_cli.artifacts import config_yaml
-    from lora_cli.checkpoint import check_run_dir, check_same_run, resolve_resume
+    from lora_cli.checkpoint import check_same_run, resolve_resume
     from lora_cli.config import with_absolute_paths
     from lora_cli.data import load_train_eval
     from lora_cli.labels import check_label_mode
     from lora_cli.launched import check_launcher
     from lora_cli.report import quiet_libraries
+    from lora_cli.rundir import check_run_dir
 
     check_launcher(run)
     if run.trainer.eval_at_end:  # else a label mode that cannot score this dataset fails after the training
@@ -253,12 +254,13 @@ def train_job(cfg) -> str | None:
 
     from lora_cli import launched
     from lora_cli.artifacts import config_yaml
-    from lora_cli.checkpoint import check_run_dir, check_same_run, claim_run_dir, complete_checkpoints
+    from lora_cli.checkpoint import check_same_run
     from lora_cli.config import to_run_config, with_absolute_paths
     from lora_cli.errors import Interrupted
     from lora_cli.overrides import hydra_quoted
     from lora_cli.report import console, quiet_libraries
-    from lora_cli.sweep import REFUSED, write_run_record
+    from lora_cli.rundir import check_run_dir, claim_run_dir, complete_checkpoints, write_run_record
+    from lora_cli.sweep import REFUSED
 
     quiet_libraries()
     hydra_cfg = HydraConfig.get()

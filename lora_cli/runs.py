@@ -12,8 +12,8 @@ from lora_cli.artifacts import BASE_WEIGHTS
 from lora_cli.config import RunConfig, to_run_config
 from lora_cli.errors import UserError, first_line
 from lora_cli.models import Checkpoint, default_device, load_model, load_tokenizer, resolve_checkpoint
-from lora_cli.overrides import hydra_quoted
 from lora_cli.report import console
+from lora_cli.rundir import check_finished
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # After training, "the split" is the one to measure: `lora eval run=... dataset.split=test`.
@@ -72,24 +72,7 @@ def load_run_config(run_dir: Path, overrides: list[str], command: str = "eval") 
     from lora_cli.paths import shipped_dir
 
     path = run_dir / "config.yaml"
-    if not path.is_file():  # written at the end, with the adapter
-        from lora_cli.checkpoint import complete_checkpoints, held_by_a_run
-
-        if held_by_a_run(run_dir):
-            raise UserError(f"{run_dir} is still training (a lora process holds it) and has no adapter yet; run "
-                            "this again when that run has finished")
-        unfinished = complete_checkpoints(run_dir)
-        if unfinished:
-            raise UserError(f"{run_dir} holds an unfinished run (checkpoint {unfinished[-1].name}, no adapter yet); "
-                            f"finish it first: lora train ... resume=auto hydra.run.dir={hydra_quoted(str(run_dir))}")
-        from lora_cli.sweep import RUN_RECORD, read_json
-
-        record = read_json(run_dir / RUN_RECORD)
-        if record.get("status") in ("failed", "interrupted"):  # what ended it, from its run.json
-            ended = "failed" if record["status"] == "failed" else "was interrupted"
-            raise UserError(f"{run_dir} holds a run that {ended} before it saved an adapter "
-                            f"({record.get('reason') or 'no reason recorded'}); train it again")
-        raise UserError(f"{run_dir} is not a lora-cli run dir (no config.yaml); pass run=<a dir `lora train` wrote>")
+    check_finished(run_dir)
     try:
         saved = OmegaConf.load(path)
         if not saved:

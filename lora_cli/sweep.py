@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import shlex
 from pathlib import Path
@@ -17,48 +16,15 @@ from hydra.experimental.callback import Callback
 from rich.markup import escape
 
 from lora_cli import metrics
-from lora_cli.errors import UserError, did_you_mean, first_line
+from lora_cli.errors import UserError, did_you_mean
 from lora_cli.paths import write_atomic
+from lora_cli.rundir import find_runs, read_json, record_of
 
-RUN_RECORD = "run.json"
 REFUSED = "refused"  # what a sweep job returns when its folder holds another run or the user's files
 METRICS = ["trainable_params", "train_loss", "eval_loss", "accuracy", "token_f1", "tokens_per_s", "wall_time_s",
            "peak_rss_mib", "peak_gpu_mib"]
 COLUMNS = ["run", "status", "overrides", "swept", "variant", "r", "alpha", *METRICS, "eval_on", "reason"]
 HIGHER_IS_BETTER = {"accuracy", "token_f1", "tokens_per_s"}
-
-
-def write_run_record(run_dir: Path, record: dict) -> None:
-    """run.json, replaced whole (written aside, then renamed), so that a reader never sees half of it."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / RUN_RECORD, json.dumps(record, indent=2))
-
-
-def find_runs(root: Path) -> list[Path]:
-    """Run dirs under `root` (itself included): folders a `lora train` job wrote its record or config into, and
-    runs with checkpoints but neither yet (killed, or still training)."""
-    from lora_cli.checkpoint import FOLDER, STATE  # checkpoint imports this module
-
-    found = {p.parent for p in root.rglob(RUN_RECORD)} | {p.parent for p in root.rglob("config.yaml")
-                                                           if (p.parent / "adapter").is_dir()}
-    found |= {p.parents[2] for p in root.rglob(f"{FOLDER}/step-*/{STATE}")}
-    return sorted(found)
-
-
-def record_of(run_dir: Path) -> dict:
-    """The run's run.json; for a run without one, what its folder says: finished (an older layout), still
-    training (it holds its lock), or stopped part-way (checkpoints, no adapter)."""
-    from lora_cli.checkpoint import held_by_a_run
-    from lora_cli.overrides import hydra_quoted
-
-    if (run_dir / RUN_RECORD).is_file():
-        return read_json(run_dir / RUN_RECORD)
-    if (run_dir / "adapter").is_dir() and (run_dir / "config.yaml").is_file():
-        return {"status": "complete"}
-    if held_by_a_run(run_dir):
-        return {"status": "running", "reason": "still training"}
-    return {"status": "unfinished", "reason": "stopped before it saved an adapter; finish it: lora train <its "
-            f"overrides> resume=auto hydra.run.dir={hydra_quoted(str(run_dir))}"}
 
 
 def row(run_dir: Path, root: Path) -> dict:
@@ -97,15 +63,6 @@ def eval_source(evaluation: dict, result: dict) -> str:
     if "examples" in evaluation:
         return f"lora eval: {evaluation.get('split')}, {evaluation['examples']} examples"
     return f"training: {result['eval_examples']} examples" if "eval_examples" in result else ""
-
-
-def read_json(path: Path) -> dict:
-    """A run's JSON record; an unreadable one (cut short, edited) is a row that says so, not a crashed summary."""
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        return {"status": "unreadable", "reason": f"{path.name}: {first_line(exc)}"}
-    return found if isinstance(found, dict) else {"status": "unreadable", "reason": f"{path.name}: not an object"}
 
 
 def last_logged(run_dir: Path) -> dict:

@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
-from lora_cli import adapters, artifacts, checkpoint, launched
+from lora_cli import adapters, artifacts, checkpoint, launched, rundir
 from lora_cli.checkpoint import TrainState
 from lora_cli.config import RunConfig, TrainerConfig
 from lora_cli.data import IGNORE_INDEX, TokenizedSplit, collate, micro_batches, predicted_labels, prepare, take
@@ -475,7 +475,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
         if accelerator.distributed_type.value in launched.SHARDING_TYPES:  # save_every was refused; a signal
             raise UserError(f"stopped after step {state.step} without a checkpoint: checkpoints are not supported "
                             f"under {accelerator.distributed_type.value}")
-        path = checkpoint.step_dir(run_dir, state.step)
+        path = rundir.step_dir(run_dir, state.step)
         rng = gather_object([checkpoint.rng_state()]) if world > 1 else [checkpoint.rng_state()]
         if is_main:
             checkpoint.save(path, peft_model, variant, torch_optimizer, scheduler, state, metrics.records,
@@ -509,7 +509,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
                 record |= apply_gradients(accelerator, model, optimizer, variant, step, cfg.trainer.max_grad_norm)
             elif cfg.trainer.on_nonfinite == "stop":
                 raise UserError(f"non-finite loss or gradients at step {step} (loss {train_loss}); the last good "
-                                f"checkpoint, if any, is in {run_dir / checkpoint.FOLDER}; lower trainer.lr, "
+                                f"checkpoint, if any, is in {run_dir / rundir.FOLDER}; lower trainer.lr, "
                                 "or set trainer.on_nonfinite=skip to drop such steps")
             else:
                 record |= {"skipped": "non-finite"}
@@ -540,7 +540,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
         skipped = sum(1 for r in metrics.records if "skipped" in r)
         raise UserError(f"the adapter trained gives a non-finite eval loss ({skipped} of {steps} steps were skipped "
                         f"as non-finite); no adapter was saved; lower trainer.lr (checkpoints, if any, are in "
-                        f"{run_dir / checkpoint.FOLDER})")
+                        f"{run_dir / rundir.FOLDER})")
     result = {
         "run_dir": str(run_dir), "steps": steps, "variant": cfg.adapter.name, "r": cfg.adapter.r,
         "trainable_params": trainable, "total_params": total_params,

@@ -310,7 +310,7 @@ def test_a_failed_run_says_why_it_has_no_adapter(tmp_path):
 def test_a_run_still_training_is_not_called_unfinished(tmp_path, command):
     """A run still going (its checkpoints there, its lock held) was told to `resume=auto`, which would have started
     a second process on it."""
-    from lora_cli.checkpoint import claim_run_dir
+    from lora_cli.rundir import claim_run_dir
 
     finished, run_dir = tmp_path / "finished", tmp_path / "run"
     proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=2", "trainer.save_every=1",

@@ -253,7 +253,7 @@ def test_skip_that_ends_in_a_non_finite_model_saves_no_adapter(tmp_path):
 def test_checkpoints_are_ordered_by_step_past_six_digits(tmp_path):
     """resume=auto takes the newest and pruning drops the oldest: 'step-1000000' sorts before 'step-999999' as
     text, which would have resumed an older state and pruned the newest."""
-    from lora_cli.checkpoint import STATE, complete_checkpoints, step_dir
+    from lora_cli.rundir import STATE, complete_checkpoints, step_dir
 
     for step in (999_999, 1_000_000, 20):
         step_dir(tmp_path, step).mkdir(parents=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import re
 import shutil
 
@@ -165,21 +166,23 @@ def test_report_on_a_folder_of_single_runs(tiny_run, tmp_path):
 def test_report_shows_runs_that_have_not_finished(tmp_path):
     """A run killed part-way (checkpoints, no run.json) and one still training were left out of the table and
     summary.csv without a word; they are rows, with what to do."""
-    from lora_cli.checkpoint import claim_run_dir
+    from lora_cli.rundir import claim_run_dir
 
     done = tmp_path / "done"
     proc = lora("train", "recipe=banking_support", *TINY, "trainer.max_steps=2", "trainer.save_every=1",
                 f"hydra.run.dir={done}")
     assert proc.returncode == 0, proc.stderr
-    for name in ("killed", "running"):
+    for name in ("killed", "running", "resumed"):
         shutil.copytree(done / "checkpoints", tmp_path / name / "checkpoints")
         shutil.copy(done / "metrics.jsonl", tmp_path / name)
-    with claim_run_dir(tmp_path / "running"):
+    # A run that failed once and is training again (resume=auto): its lock, not its old run.json, says what it is.
+    (tmp_path / "resumed" / "run.json").write_text(json.dumps({"status": "failed", "reason": "out of memory"}))
+    with claim_run_dir(tmp_path / "running"), claim_run_dir(tmp_path / "resumed"):
         report = lora("report", str(tmp_path))
     assert report.returncode == 0, report.stderr
     rows = {r["run"]: r for r in read_summary(tmp_path)}
     assert {name: r["status"] for name, r in rows.items()} == {"done": "complete", "killed": "unfinished",
-                                                               "running": "running"}
+                                                               "running": "running", "resumed": "running"}
     assert f"resume=auto hydra.run.dir={tmp_path / 'killed'}" in rows["killed"]["reason"]
     assert rows["killed"]["train_loss"] == rows["done"]["train_loss"]  # from its metrics, as far as it got
     assert "killed: unfinished" in " ".join(report.stdout.split())
