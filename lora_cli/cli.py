@@ -266,17 +266,7 @@ def train_job(cfg) -> str | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    # What reproduces the run from scratch (an exact resume trains the same adapter, so `resume=` is left out),
-    # quoted so that it pastes into a shell as it ran: `dataset.system_prompt=Be brief` is one argument.
-    from_scratch = [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")]
-    world = launched.world_size()
-    if world != cfg.trainer.num_processes:  # `accelerate launch -m lora_cli train ...` by hand
-        # The run records the processes it ran on, so that its config, its commands and a resume (which refuses
-        # another count) all mean the same global batch.
-        cfg.trainer.num_processes = world
-        from_scratch = [*(o for o in from_scratch if not o.startswith("trainer.num_processes=")),
-                        f"trainer.num_processes={world}"]
-    from_scratch = with_absolute_path_overrides(from_scratch, cfg)
+    from_scratch = reproducing_overrides(hydra_cfg.overrides.task, cfg)
     command = shlex.join(["lora", "train", *from_scratch])
     record = {"overrides": [o for o in hydra_cfg.overrides.task if not o.startswith("resume=")],  # not a setting
               "variant": cfg.adapter.name, "r": cfg.adapter.r, "alpha": cfg.adapter.alpha}
@@ -335,6 +325,22 @@ def train_job(cfg) -> str | None:
             if not in_sweep:
                 sys.exit(code)
     return None
+
+
+def reproducing_overrides(task_overrides: list[str], cfg) -> list[str]:
+    """What reproduces the run from scratch: an exact resume trains the same adapter, so `resume=` is left out,
+    and local paths are absolute. Under `accelerate launch -m lora_cli train ...` by hand, the run records the
+    processes it ran on (in cfg too), so that its config, its commands and a resume (which refuses another count)
+    all mean the same global batch."""
+    from lora_cli import launched
+
+    overrides = [o for o in task_overrides if not o.startswith("resume=")]
+    world = launched.world_size()
+    if world != cfg.trainer.num_processes:
+        cfg.trainer.num_processes = world
+        overrides = [*(o for o in overrides if not o.startswith("trainer.num_processes=")),
+                     f"trainer.num_processes={world}"]
+    return with_absolute_path_overrides(overrides, cfg)
 
 
 def with_absolute_path_overrides(overrides: list[str], cfg) -> list[str]:

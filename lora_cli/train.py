@@ -391,29 +391,57 @@ class StopRequest:
         return bool(accelerator.reduce(flag, reduction="sum").item())
 
 
-def train(cfg: RunConfig, run_dir: Path, command: str):
-    """Run one training job; returns the summary numbers and the trained (unwrapped) peft model."""
+def make_accelerator(cfg: RunConfig):
+    """This run's accelerator: its precision, its processes, and the checks that hold however it was launched
+    (`lora train` or `accelerate launch` by hand)."""
     import torch
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import gather_object, set_seed
 
-    from lora_cli.artifacts import config_yaml
-
-    launched.check_gpus(launched.processes_on_this_machine(), "this launch")  # `accelerate launch` by hand
-    started = time.perf_counter()
-    artifacts.reset_peak_memory()
-    if cfg.trainer.keep_freed_memory:
-        keep_freed_memory()
+    launched.check_gpus(launched.processes_on_this_machine(), "this launch")
     # accelerate keeps one state per process and refuses a second precision in it, but a sweep
     # (`lora train -m trainer.precision=fp32,bf16`) runs its jobs in one process: each run starts from a fresh
     # state (the process group, if any, is kept).
     AcceleratorState._reset_state()
     # cpu=True on a CPU-only machine: under a launcher, that is what makes accelerate use gloo for N processes.
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg),
-                              cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg), cpu=not torch.cuda.is_available())
+    launched.check_supported(cfg, accelerator.distributed_type.value)
+    return accelerator
+
+
+def compile_now(model, head, examples: list[dict], pad_id: int, pack_width: int | None, device,
+                show_status: bool) -> float:
+    """Compile every shape the steps will meet before the first one, so that step times (and the progress bar's
+    tokens/s) measure training; returns the seconds it took."""
+    message = "trainer.compile: compiling the transformer blocks (a minute or so on a CPU)"
+    with console.status(message) if show_status else nullcontext():
+        began = time.perf_counter()
+        compile_variants(model, head, examples, pad_id, pack_width, device)
+        return time.perf_counter() - began
+
+
+def check_trained_eval_finite(records: list[dict], steps: int, run_dir: Path) -> None:
+    """trainer.on_nonfinite=skip can train on into an adapter that is all NaN: it is not saved as if it were one."""
+    last_eval = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
+    if not math.isfinite(last_eval):
+        skipped = sum(1 for r in records if "skipped" in r)
+        raise UserError(f"the adapter trained gives a non-finite eval loss ({skipped} of {steps} steps were skipped "
+                        f"as non-finite); no adapter was saved; lower trainer.lr (checkpoints, if any, are in "
+                        f"{run_dir / rundir.FOLDER})")
+
+
+def train(cfg: RunConfig, run_dir: Path, command: str):
+    """Run one training job; returns the summary numbers and the trained (unwrapped) peft model."""
+    from accelerate.utils import gather_object, set_seed
+
+    from lora_cli.artifacts import config_yaml
+
+    started = time.perf_counter()
+    accelerator = make_accelerator(cfg)
+    artifacts.reset_peak_memory()
+    if cfg.trainer.keep_freed_memory:
+        keep_freed_memory()
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    launched.check_supported(cfg, accelerator.distributed_type.value)  # also under `accelerate launch` by hand
     sharded = launched.shards_parameters(accelerator)
     set_seed(cfg.trainer.seed)
     resume_from = checkpoint.resolve_resume(cfg.resume, run_dir)
@@ -454,12 +482,9 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
     evaluation = eval_batches(eval_split, cfg.trainer.eval_batch_size, tokenizer.pad_token_id)
     compile_seconds = None
     if compiled:
-        message = "trainer.compile: compiling the transformer blocks (a minute or so on a CPU)"
-        with console.status(message) if is_main else nullcontext():
-            began = time.perf_counter()
-            compile_variants(model, head, train_split.examples, tokenizer.pad_token_id,
-                             cfg.dataset.max_seq_len if cfg.trainer.packing else None, accelerator.device)
-            compile_seconds = time.perf_counter() - began
+        compile_seconds = compile_now(model, head, train_split.examples, tokenizer.pad_token_id,
+                                      cfg.dataset.max_seq_len if cfg.trainer.packing else None, accelerator.device,
+                                      is_main)
         if is_main:
             console.print(f"trainer.compile: {compiled} transformer blocks compiled in {compile_seconds:.0f} s")
     if is_main:
@@ -535,12 +560,8 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
                 save_checkpoint()
 
     # ---- save
+    check_trained_eval_finite(metrics.records, steps, run_dir)
     train_loss, eval_loss = metrics.series("loss"), metrics.series("eval_loss")
-    if not math.isfinite(eval_loss[-1][1]):  # trainer.on_nonfinite=skip can train on into an adapter that is all NaN
-        skipped = sum(1 for r in metrics.records if "skipped" in r)
-        raise UserError(f"the adapter trained gives a non-finite eval loss ({skipped} of {steps} steps were skipped "
-                        f"as non-finite); no adapter was saved; lower trainer.lr (checkpoints, if any, are in "
-                        f"{run_dir / rundir.FOLDER})")
     result = {
         "run_dir": str(run_dir), "steps": steps, "variant": cfg.adapter.name, "r": cfg.adapter.r,
         "trainable_params": trainable, "total_params": total_params,
