@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+from lora_cli.adapters.lora import block_index
+
 FORMULA = (
     "FLOPs per step = 4*W_blocks*T + 6*W_lora*T + 12*n_layers*d_attn*P + 4*W_head*Y, where T = useful (non-pad) "
     "tokens, Y = labelled positions, P = sum over sequences of n(n+1)/2 causal query-key pairs (n = its non-pad "
@@ -31,8 +33,6 @@ def frozen_linear_weights(model) -> dict:
 def constants(model) -> dict[str, int]:
     """FORMULA's constants for a model, with its LoRA adapter if it has one (W_lora is 0 without). W_below and
     n_below: the frozen weights and the blocks under the lowest adapted block, which no gradient reaches."""
-    from lora_cli.adapters.slora import block_index
-
     config = model.config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     lora = {name: p for name, p in model.named_parameters() if ".lora_A." in name or ".lora_B." in name}

@@ -9,10 +9,20 @@ the other variants change training. Each hook is a no-op here, and the loop call
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from lora_cli.config import AdapterConfig, TrainerConfig
 from lora_cli.errors import UserError
+
+# How transformers names the list of blocks (peft's COMMON_LAYERS_PATTERN): `model.layers.3.mlp.up_proj`.
+BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
+
+
+def block_index(name: str) -> int | None:
+    """The block a module belongs to, parsed from its name; None outside the blocks (e.g. an output head)."""
+    match = BLOCK.search(name)
+    return int(match.group(1)) if match else None
 
 
 def linear_module_names(model) -> list[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,14 +27,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lora_cli.adapters.lora import Lora, lora_layers
+from lora_cli.adapters.lora import Lora, block_index, lora_layers
 from lora_cli.config import SLoraScaleConfig, TrainerConfig
 
 ADAPTER = "default"  # peft's adapter name: lora-cli trains one adapter per model
 SCALES_FILE = "slora_scales.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts in front of the wrapped model's module names
-# How transformers names the list of blocks (peft's COMMON_LAYERS_PATTERN): `model.layers.3.mlp.up_proj`.
-BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -44,12 +41,6 @@ class ScaleGroup:
 
     label: str
     block: int | None  # None: a module outside the transformer blocks
-
-
-def block_index(name: str) -> int | None:
-    """The block a module belongs to, parsed from its name; None outside the blocks (e.g. an output head)."""
-    match = BLOCK.search(name)
-    return int(match.group(1)) if match else None
 
 
 def block_position(block: int, n_blocks: int) -> float:
