@@ -101,11 +101,12 @@ def check_key(cfg, key: str, help_command: str = "train") -> None:
 
 def check_addable(cfg, key: str) -> None:
     """`+KEY=VALUE` adds a key where the config has free-form entries (`+dataset.rename_columns.OLD=NEW`); under a
-    typed group every key already exists, so a `+` key there is a typo that would be dropped without a word."""
+    typed group every key already exists, so a `+` key there is a typo that would be dropped without a word, and
+    under a null or missing node (`+adapter.scale.init` without adapter=slora) there is nothing to add it to."""
     from omegaconf import DictConfig, OmegaConf
 
     parent = OmegaConf.select(cfg, key.rsplit(".", 1)[0]) if "." in key else cfg
-    if isinstance(parent, DictConfig) and OmegaConf.get_type(parent) not in (dict, None):
+    if not isinstance(parent, DictConfig) or OmegaConf.get_type(parent) not in (dict, None):
         check_key(cfg, key)
 
 

@@ -36,7 +36,8 @@ def test_function_equals_the_formula_and_its_gradients(bias, dropout):
     b = rand(10) if bias else None
     mask = (torch.rand(3, 7, 12, generator=generator, dtype=torch.float64) > 0.3) / 0.7
     grad_out = rand(3, 7, 10)
-    outputs = (LoraLinearFunction.apply(x, x * mask if dropout else None, weight, b, lora_A, lora_B, 0.37),
+    outputs = (LoraLinearFunction.apply(x, x * mask if dropout else None, weight, b, lora_A, lora_B, 0.37,
+                                        torch.float64),
                reference(x, x * mask if dropout else x, weight, b, lora_A, lora_B, 0.37))
     results = [(out.detach(), *torch.autograd.grad(out, (x, lora_A, lora_B), grad_out)) for out in outputs]
     for fused, expected in zip(*results, strict=True):
@@ -142,6 +143,26 @@ def test_layer_under_bf16_autocast_is_as_close_to_fp32_as_peft(monkeypatch):
     assert len(calls) == 14 * len(batches())  # every layer of the fused model, every micro-batch
     assert errors[False][0] < 1e-2 and errors[True][0] < 1e-2
     assert errors[True][1] < 1.5 * errors[False][1], errors
+
+
+def test_a_bf16_model_under_autocast_gets_peft_s_dtypes_and_numbers():
+    """`model.dtype=bfloat16 trainer.precision=bf16`: the fused layer returned fp32 (lora_B's dtype) into a bf16
+    model, so the hidden states reached the bf16 output head as fp32 and the first eval stopped with a dtype
+    error. Its output is the frozen weight's dtype, as peft's is; loss and gradients match peft's to bf16's
+    rounding."""
+    results = {}
+    for fused in (False, True):
+        model = adapted(fused, torch.bfloat16)
+        layer = next(m for name, m in model.named_modules() if name.endswith("mlp.down_proj"))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(torch.randn(2, 3, layer.in_features, dtype=torch.bfloat16))
+            loss = sum(token_loss_sum(model, model.get_output_embeddings(), batch) for batch in batches())
+        loss.backward()
+        grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+        results[fused] = out.dtype, float(loss.detach()), grads
+    assert results[True][0] == results[False][0] == torch.bfloat16
+    assert results[True][1] == pytest.approx(results[False][1], rel=1e-2)
+    assert float((results[True][2] - results[False][2]).norm() / results[False][2].norm()) < 5e-2
 
 
 def test_under_autocast_a_small_lora_delta_is_not_rounded_away():
