@@ -156,6 +156,8 @@ def run_train(args: list[str]) -> int:
             from lora_cli.config import to_run_config
 
             run = to_run_config(composed)  # value checks (r > 0, ...) before Hydra creates a run dir
+            if launched.world_size() > 1:  # `accelerate launch` by hand: the run is on the processes it started
+                run.trainer.num_processes = launched.world_size()  # (as train_job records it), resumed too
             run_dir = given_run_dir(args, configs, recipes)
             preflight(run, run_dir)
             if launched.world_size() > 1:

@@ -34,13 +34,17 @@ def runs(tmp_path_factory):
                        "ddp_file": ["trainer.batch_size=2", "trainer.num_processes=2", "trainer.launcher=ddp"]}.items():
         proc = lora("train", "recipe=banking_support", *BASE, *args, f"hydra.run.dir={root / name}")
         assert proc.returncode == 0, proc.stderr
-    by_hand = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(shipped_dir("launchers") / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
-               str(free_port()), "--quiet", "-m", "lora_cli", "train", "recipe=banking_support", *BASE,
-               "trainer.batch_size=2", f"hydra.run.dir={root / 'by_hand'}"]
-    proc = subprocess.run(by_hand, capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = subprocess.run(by_hand_command(root / "by_hand"), capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr
     return root
+
+
+def by_hand_command(run_dir, *more: str) -> list[str]:
+    """`accelerate launch --config_file launchers/ddp.yaml --num_processes 2 -m lora_cli train ...`."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(shipped_dir("launchers") / "ddp.yaml"), "--num_processes", "2", "--main_process_port",
+            str(free_port()), "--quiet", "-m", "lora_cli", "train", "recipe=banking_support", *BASE,
+            "trainer.batch_size=2", *more, f"hydra.run.dir={run_dir}"]
 
 
 def losses(run_dir) -> list[float]:
@@ -110,6 +114,13 @@ def test_a_run_launched_by_hand_records_the_processes_it_ran_on(runs, tmp_path):
     proc = lora("train", "recipe=banking_support", *BASE, "trainer.batch_size=2", "resume=auto",
                 f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2 and "trainer.num_processes (2 -> 1)" in proc.stderr
+    # The same `accelerate launch` command with resume=auto resumes it (it was refused as "2 -> 1"), exactly.
+    proc = subprocess.run(by_hand_command(run_dir, "resume=auto"), capture_output=True, text=True, cwd=REPO,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    expected = load_file(runs / "by_hand/adapter/adapter_model.safetensors")
+    got = load_file(run_dir / "adapter/adapter_model.safetensors")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def error_lines(stderr: str) -> list[str]:
