@@ -140,6 +140,8 @@ def run_train(args: list[str]) -> int:
     from lora_cli.config import register_recipes, register_schemas
     from lora_cli.paths import shipped_dir
 
+    if os.environ.get(launched.DIE_WITH_PARENT):  # a worker of `launched.launch`: it ends with the launch
+        launched.die_with_parent()
     configs, recipes = shipped_dir("configs"), shipped_dir("recipes")
     register_schemas()
     register_recipes(recipes)

@@ -23,6 +23,10 @@ from lora_cli.overrides import hydra_quoted
 SHARDING_TYPES = ("FSDP", "DEEPSPEED")
 MULTI_MACHINE_PORT = 29500  # torchrun's default; every machine must use the same one
 STOP_GRACE_SECONDS = 600  # after a stop, how long the workers may take to finish their step and checkpoint
+# Set by `launch` for the launcher it starts, and so for the workers the launcher starts: each asks to die with its
+# parent (`die_with_parent`). torchrun starts every worker in a session of its own, so nothing else ends them when
+# `lora` is killed (SIGKILL, or a second Ctrl-C): they trained on, unwatched, holding the run dir.
+DIE_WITH_PARENT = "LORA_CLI_DIE_WITH_PARENT"
 
 
 def world_size() -> int:
@@ -166,15 +170,31 @@ def launch_command(args: list[str], trainer: TrainerConfig, run_dir: str) -> lis
             "--quiet", "-m", "lora_cli", "train", *args, f"hydra.run.dir={hydra_quoted(str(run_dir))}"]
 
 
+def die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when the process that started it ends (Linux's PR_SET_PDEATHSIG;
+    elsewhere nothing). A parent that is gone already (this process adopted by init) ends it now."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def launch(args: list[str], trainer: TrainerConfig, run_dir: str) -> int:
     """Run `lora train ARGS` on `trainer.num_processes` processes and return their exit code.
 
     The launcher runs in a session of its own, so that a stop reaches the workers once, through it: Ctrl-C,
     SIGTERM or a closed terminal here is passed on, torchrun hands it to every worker, and they checkpoint at
-    the end of their step and exit; this process waits for that. A second stop kills them all at once."""
+    the end of their step and exit; this process waits for that. A second stop kills them all at once, and so
+    does this process's own end, however it comes (DIE_WITH_PARENT)."""
     import signal
 
-    process = subprocess.Popen(launch_command(args, trainer, run_dir), start_new_session=True)
+    process = subprocess.Popen(launch_command(args, trainer, run_dir), start_new_session=True,
+                               env={**os.environ, DIE_WITH_PARENT: "1"}, preexec_fn=die_with_parent)
     stops = []
 
     def forward(signum, frame):
@@ -186,10 +206,13 @@ def launch(args: list[str], trainer: TrainerConfig, run_dir: str) -> int:
 
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
-        return process.wait()
+        code = process.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if code >= 0:
+        return code
+    return 130 if stops else 128 - code  # killed by a signal: the shell's code for it (130 for a Ctrl-C), not 247
 
 
 def run_launcher(argv: list[str]) -> int:

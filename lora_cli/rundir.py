@@ -97,8 +97,9 @@ def claim_run_dir(run_dir: Path):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise UserError(f"another lora run is writing into {run_dir} (runs started in the same second share the "
-                        "default run dir); pick another hydra.run.dir") from None
+        raise UserError(f"another lora run is writing into {run_dir} (one still training there, or one started in "
+                        "the same second, which shares the default run dir); wait for it to end, or pick another "
+                        "hydra.run.dir") from None
     return handle
 
 

@@ -151,18 +151,12 @@ def test_two_processes_print_once_and_evaluate_once(tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "complete"
 
 
-def test_sigterm_to_lora_stops_every_process_at_a_checkpoint(tmp_path):
-    """`kill PID` (or Ctrl-C) reaches the workers through their launcher: they checkpoint at the end of their step,
-    and `lora` waits for that, exits 130 and leaves no process behind (it had returned at once, leaving the
-    workers to train on)."""
-    import os
-    import signal
+def start_two_processes(run_dir) -> subprocess.Popen:
+    """`lora train` on 2 processes, a long run, returned once a step is logged."""
     import time
-    from pathlib import Path
 
     from conftest import LORA
 
-    run_dir = tmp_path / "run"
     args = ["train", "recipe=banking_support", *TINY, "trainer.max_steps=10000", "trainer.eval_every=10000",
             "trainer.batch_size=2", "trainer.num_processes=2", f"hydra.run.dir={run_dir}"]
     process = subprocess.Popen([str(LORA), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -171,17 +165,66 @@ def test_sigterm_to_lora_stops_every_process_at_a_checkpoint(tmp_path):
     while not (run_dir / "metrics.jsonl").is_file() or "loss" not in (run_dir / "metrics.jsonl").read_text():
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()
         time.sleep(0.5)
+    return process
+
+
+def processes_left(run_dir, wait: float = 10) -> list[str]:
+    """The processes still running with run_dir on their command line, after up to `wait` seconds."""
+    import os
+    import time
+    from pathlib import Path
+
+    deadline = time.monotonic() + wait
+    while True:
+        found = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(run_dir).encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                    found.append(cmdline.parent.name)
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def test_sigterm_to_lora_stops_every_process_at_a_checkpoint(tmp_path):
+    """`kill PID` (or Ctrl-C) reaches the workers through their launcher: they checkpoint at the end of their step,
+    and `lora` waits for that, exits 130 and leaves no process behind (it had returned at once, leaving the
+    workers to train on)."""
+    import signal
+
+    run_dir = tmp_path / "run"
+    process = start_two_processes(run_dir)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130, stderr
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "interrupted" and list((run_dir / "checkpoints").glob("step-*"))
     assert "continue with:" in stderr and "Traceback" not in stderr
-    leftovers = []
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            if str(run_dir).encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
-                leftovers.append(cmdline.parent.name)
-        except OSError:
-            continue
-    assert not leftovers
+    assert not processes_left(run_dir, wait=0)
+
+
+@pytest.mark.parametrize("stop", ["SIGKILL", "second Ctrl-C"])
+def test_killing_lora_ends_its_workers_too(tmp_path, stop):
+    """`kill -9` on `lora`, or a second Ctrl-C while the workers finish their step: torchrun starts each worker in
+    a session of its own, and they trained on unwatched, holding the run dir (its retry was refused as "another
+    lora run is writing into" it); the second Ctrl-C also exited 247. Every process ends with `lora`, which
+    exits 130 for the Ctrl-C, and the run dir is free to resume in."""
+    import signal
+    import time
+
+    from lora_cli.rundir import held_by_a_run
+
+    run_dir = tmp_path / "run"
+    process = start_two_processes(run_dir)
+    if stop == "SIGKILL":
+        process.kill()
+    else:
+        process.send_signal(signal.SIGINT)
+        time.sleep(1)  # two signals at once reach Python's handler as one
+        process.send_signal(signal.SIGINT)
+    process.communicate(timeout=120)
+    assert process.returncode == (-signal.SIGKILL if stop == "SIGKILL" else 130)
+    assert not processes_left(run_dir)
+    assert not held_by_a_run(run_dir)  # free for `resume=auto`
