@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import resource
 import shutil
 import sys
@@ -27,8 +28,11 @@ def config_yaml(cfg: RunConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def provenance(checkpoint: Checkpoint, data_fingerprint: str, cfg: RunConfig) -> dict[str, str]:
-    """Where an adapter came from; stored in the safetensors header, where it travels with the weights."""
+def provenance(checkpoint: Checkpoint, data_fingerprint: str, cfg: RunConfig,
+               system_prompt: str | None = "") -> dict[str, str]:
+    """Where an adapter came from; stored in the safetensors header, where it travels with the weights.
+    system_prompt: the system turn every training conversation opened with (data.shared_system_prompt), as JSON
+    (a string, "" for none, null where they differed), which `lora generate` opens with."""
     return {
         "lora_cli_version": __version__,
         "base_model": checkpoint.model_id,
@@ -36,6 +40,7 @@ def provenance(checkpoint: Checkpoint, data_fingerprint: str, cfg: RunConfig) ->
         "base_model_path": str(checkpoint.path),
         "dataset": cfg.dataset.name,
         "dataset_fingerprint": data_fingerprint,
+        "system_prompt": json.dumps(system_prompt),
         "config_sha256": hashlib.sha256(config_yaml(cfg).encode()).hexdigest(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

@@ -486,7 +486,8 @@ def run_on_finished_run(command: str, args: list[str]) -> int:
     elif command == "generate":
         from lora_cli.generate import generate
 
-        generate(run_dir, cfg, named.get("prompt"))
+        given = any(a.split("=")[0].lstrip("+~") == "dataset.system_prompt" for a in rest)
+        generate(run_dir, cfg, named.get("prompt"), system_prompt_given=given)
     else:
         from lora_cli.merge import merge_run
 

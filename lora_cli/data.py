@@ -40,6 +40,9 @@ class TokenizedSplit:
     truncated: int = 0
     dropped: int = 0  # no trainable label token left after truncation
     also_in_train: int = 0  # eval split: conversations the train split holds too (their metrics flatter)
+    # The system turn every conversation opens with ("" where none has one, None where they differ): what
+    # `lora generate` opens its chat with, as training did.
+    system_prompt: str | None = ""
 
     @property
     def tokens(self) -> int:
@@ -611,12 +614,19 @@ def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSpl
         check_columns(rows, cfg, where)
         conversations = [to_messages(row, cfg) for row in rows]
         splits.append(tokenize_nonempty(conversations, tokenizer, cfg, where))
+        splits[-1].system_prompt = shared_system_prompt(conversations)
         texts.append([conversation_text(messages) for messages in conversations])
         fingerprints.append(fingerprint(texts[-1]))
     train_texts = set(texts[0])
     splits[1].also_in_train = sum(text in train_texts for text in texts[1])
     digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
     return splits[0], splits[1], digest
+
+
+def shared_system_prompt(conversations: list[list[dict]]) -> str | None:
+    """The system turn that opens every conversation: "" if none opens with one, None if they differ."""
+    opening = {c[0]["content"] if c and c[0]["role"] == "system" else "" for c in conversations}
+    return opening.pop() if len(opening) == 1 else None
 
 
 def tokenize_nonempty(conversations: list[list[dict]], tokenizer, cfg: DatasetConfig, where: str) -> TokenizedSplit:

@@ -1,7 +1,6 @@
 """`lora generate`: talk to an adapted model. One prompt, or a multi-turn chat until Ctrl-D.
 
-The prompt goes through the same chat template (and the dataset's system prompt) the adapter was trained
-with, and tokens stream to the terminal until the end-of-turn token. On a label dataset,
+The prompt goes through the same chat template (and system prompt) the adapter was trained with, and tokens stream to the terminal until the end-of-turn token. On a label dataset,
 `generate.label_mode=constrained|score` answers with one of the dataset's labels instead (see labels.py)."""
 
 from __future__ import annotations
@@ -23,7 +22,7 @@ from lora_cli.labels import (
     score_labels,
 )
 from lora_cli.report import console
-from lora_cli.runs import base_only, load_adapted
+from lora_cli.runs import base_only, load_adapted, recorded
 
 RUNNERS_UP = 5  # labels shown with their shares under label_mode=score
 
@@ -71,7 +70,24 @@ def label_reply(model, tokenizer, messages: list[dict], trie: LabelTrie, mode: s
     return label
 
 
-def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
+def opening_system_prompt(adapted, cfg: RunConfig, given: bool) -> str | None:
+    """The system turn a chat opens with: dataset.system_prompt where this command line sets it; else the one every
+    training conversation opened with, recorded with the adapter, be it the data's own (a messages file's system
+    turns, which the config does not hold) or dataset.system_prompt. Where they differed there is none to pick,
+    and stderr says so."""
+    import json
+
+    trained = recorded(adapted.adapter_dir).get("system_prompt")
+    if given or trained is None:  # an adapter from before the record: its config's is all there is
+        return cfg.dataset.system_prompt
+    trained = json.loads(trained)
+    if trained is None:
+        console.print("the training conversations opened with different system prompts; this chat has none (set "
+                      "dataset.system_prompt=... to give it one)", markup=False)
+    return trained
+
+
+def generate(run_dir: Path, cfg: RunConfig, prompt: str | None, system_prompt_given: bool = False) -> None:
     mode = cfg.generate.label_mode
     check_label_mode(mode, cfg.dataset, "generate.label_mode")
     if prompt is not None and not prompt.strip():  # as the chat skips a blank line
@@ -88,7 +104,8 @@ def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
             return reply(model, tokenizer, messages, cfg.generate)
         return label_reply(model, tokenizer, messages, trie, mode)
 
-    history = [{"role": "system", "content": cfg.dataset.system_prompt}] if cfg.dataset.system_prompt else []
+    system_prompt = opening_system_prompt(adapted, cfg, system_prompt_given)
+    history = [{"role": "system", "content": system_prompt}] if system_prompt else []
     with nullcontext() if cfg.generate.adapter else base_only(adapted):
         if prompt is not None:
             answer([*history, {"role": "user", "content": prompt}])
@@ -103,6 +120,7 @@ def generate(run_dir: Path, cfg: RunConfig, prompt: str | None) -> None:
                 if typed:  # off the prompt line that Ctrl-D left
                     print()
                 return
+            line = line.removeprefix("\ufeff").removesuffix("\r")  # a BOM, Windows line endings: as data files
             if not line.strip():
                 continue
             if not_utf8(line):

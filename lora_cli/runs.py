@@ -143,11 +143,12 @@ def check_adapter(run_dir: Path) -> Path:
     return adapter_dir
 
 
-def base_hash_recorded(adapter_dir: Path) -> str | None:
+def recorded(adapter_dir: Path) -> dict[str, str]:
+    """The adapter's provenance, as training recorded it in the safetensors header (artifacts.provenance)."""
     from safetensors import safe_open
 
     with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
-        return (f.metadata() or {}).get("base_model_sha256")
+        return f.metadata() or {}
 
 
 def apply_base_weights(base, adapter_dir: Path, required: bool) -> dict:
@@ -202,8 +203,8 @@ def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False,
 
     adapter_dir = check_adapter(run_dir)
     checkpoint = resolve_checkpoint(cfg.model)
-    recorded = base_hash_recorded(adapter_dir)
-    other_base = bool(recorded) and recorded != checkpoint.sha256
+    recorded_hash = recorded(adapter_dir).get("base_model_sha256")
+    other_base = bool(recorded_hash) and recorded_hash != checkpoint.sha256
     tokenizer = load_tokenizer(checkpoint, cfg.model)
     quantize = None if full_precision else cfg.adapter.quantize
     base = prepare_4bit_base(load_model(checkpoint, cfg.model, tokenizer, quantize, cfg.adapter.double_quant, device))
@@ -214,13 +215,13 @@ def load_adapted(run_dir: Path, cfg: RunConfig, full_precision: bool = False,
         # torch's load errors head their causes (`size mismatch for ...`, one a line) with a line ending in ':'.
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
         detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
-        fix = (f"load the base it was trained on (sha256 {recorded[:12]}, not {checkpoint.sha256[:12]}; its "
+        fix = (f"load the base it was trained on (sha256 {recorded_hash[:12]}, not {checkpoint.sha256[:12]}; its "
                "config.yaml names it, so drop any model override)" if other_base
                else "re-run training, or pass another run=")
         raise UserError(f"cannot load the adapter in {adapter_dir}: {detail[:240].rstrip('.')}; {fix}") from None
     if other_base:
         console.print(f"[yellow]warning: the base model's weights differ from those the adapter was trained on "
-                      f"(sha256 {checkpoint.sha256[:12]} vs {recorded[:12]})[/]")
+                      f"(sha256 {checkpoint.sha256[:12]} vs {recorded_hash[:12]})[/]")
     if not quantize:  # a 4-bit base is there already: bitsandbytes quantizes it on the device it loads onto
         model.to(device)
     model.eval()

@@ -581,7 +581,7 @@ def train(cfg: RunConfig, run_dir: Path, command: str):
         adapter_state = gathered_adapter_state(accelerator, model)  # every process takes part in the gather
         if is_main:
             metrics.close()
-            provenance = artifacts.provenance(base, data_fingerprint, cfg)
+            provenance = artifacts.provenance(base, data_fingerprint, cfg, train_split.system_prompt)
             artifacts.write_config(run_dir, cfg)
             artifacts.save_adapter(variant, peft_model, tokenizer, run_dir / "adapter", provenance, adapter_state)
             artifacts.plot_loss(train_loss, eval_loss, run_dir / "loss.png")

@@ -456,3 +456,46 @@ def test_eval_config_overrides_are_checked(tiny_run):
     cfg = compose_run(["eval.batch_size=4"])
     assert cfg.eval.batch_size == 4
     assert_one_line_error(lora("eval", f"run={tiny_run[0]}", "eval.batch_sise=4"), "eval.batch_size")
+
+
+def test_generate_opens_with_the_system_turn_the_training_conversations_had(tmp_path, monkeypatch):
+    """A messages file whose every conversation opens with its own system turn: `lora generate` prompted without it
+    (only dataset.system_prompt counted), so the chat template put in its default one, unlike training and
+    `lora eval`. It opens with the data's; dataset.system_prompt on the command line wins; where the conversations'
+    system turns differ, none, and stderr says so. Piped lines lose a BOM and Windows line endings."""
+    import io
+
+    from lora_cli import generate
+
+    def chats(systems: list[str]) -> str:
+        return "".join(json.dumps({"messages": [{"role": "system", "content": system},
+                                                {"role": "user", "content": f"question {i}"},
+                                                {"role": "assistant", "content": f"answer {i}"}]}) + "\n"
+                       for i, system in enumerate(systems))
+
+    seen = []
+    monkeypatch.setattr(generate, "reply", lambda model, tokenizer, messages, cfg: seen.append(messages) or "ok")
+    runs = {}
+    for name, systems in {"shared": ["Be terse."] * 24, "mixed": ["Be terse.", "Be kind."] * 12}.items():
+        (tmp_path / f"{name}.jsonl").write_text(chats(systems))
+        runs[name] = tmp_path / name
+        proc = lora("train", *TINY, "dataset=jsonl", f"dataset.path={tmp_path / f'{name}.jsonl'}",
+                    "trainer.max_steps=1", "trainer.eval_at_end=false", f"hydra.run.dir={runs[name]}")
+        assert proc.returncode == 0, proc.stderr
+
+    def opening(*args: str) -> tuple[list[dict], str]:
+        seen.clear()
+        proc = lora("generate", *args)
+        assert proc.returncode == 0, proc.stderr
+        return seen[-1], proc.stderr
+
+    shared = f"run={runs['shared']}"
+    assert opening(shared, "prompt=hi")[0] == [{"role": "system", "content": "Be terse."},
+                                               {"role": "user", "content": "hi"}]
+    assert opening(shared, "prompt=hi", "dataset.system_prompt=Be loud.")[0][0]["content"] == "Be loud."
+    messages, stderr = opening(f"run={runs['mixed']}", "prompt=hi")
+    assert messages == [{"role": "user", "content": "hi"}]
+    assert "different system prompts" in stderr
+    monkeypatch.setattr("sys.stdin", io.StringIO("\ufeffI lost my card\r\nwhere is it\r\n"))
+    messages, _ = opening(shared)
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["I lost my card", "where is it"]
