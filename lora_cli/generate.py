@@ -1,7 +1,8 @@
 """`lora generate`: talk to an adapted model. One prompt, or a multi-turn chat until Ctrl-D.
 
-The prompt goes through the same chat template (and system prompt) the adapter was trained with, and tokens stream to the terminal until the end-of-turn token. On a label dataset,
-`generate.label_mode=constrained|score` answers with one of the dataset's labels instead (see labels.py)."""
+The prompt goes through the same chat template (and system prompt) the adapter was trained with, and tokens
+stream to the terminal until the end-of-turn token. On a label dataset, `generate.label_mode=constrained|score`
+answers with one of the dataset's labels instead (see labels.py)."""
 
 from __future__ import annotations
 
