@@ -608,7 +608,7 @@ def tokenize_split(conversations: list[list[dict]], tokenizer, cfg: DatasetConfi
 def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSplit, str]:
     """Train and eval splits, tokenised, plus the data fingerprint. Fails loudly on empty results."""
     train_rows, eval_rows = load_train_eval(cfg)
-    splits, fingerprints, texts = [], [], []
+    splits, texts = [], []
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
         where = f"dataset {cfg.name!r} ({name} split)"
         check_columns(rows, cfg, where)
@@ -616,11 +616,14 @@ def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSpl
         splits.append(tokenize_nonempty(conversations, tokenizer, cfg, where))
         splits[-1].system_prompt = shared_system_prompt(conversations)
         texts.append([conversation_text(messages) for messages in conversations])
-        fingerprints.append(fingerprint(texts[-1]))
     train_texts = set(texts[0])
     splits[1].also_in_train = sum(text in train_texts for text in texts[1])
-    digest = hashlib.sha256("".join(fingerprints).encode()).hexdigest()
-    return splits[0], splits[1], digest
+    return splits[0], splits[1], data_fingerprint(*texts)
+
+
+def data_fingerprint(train_texts: list[str], eval_texts: list[str]) -> str:
+    """The run's data fingerprint: both splits' `conversation_text`s, as a checkpoint and the adapter record it."""
+    return hashlib.sha256((fingerprint(train_texts) + fingerprint(eval_texts)).encode()).hexdigest()
 
 
 def shared_system_prompt(conversations: list[list[dict]]) -> str | None:

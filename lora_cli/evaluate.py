@@ -22,6 +22,7 @@ from pathlib import Path
 from lora_cli.config import RunConfig
 from lora_cli.data import (
     conversation_text,
+    data_fingerprint,
     eval_split_of,
     load_train_eval,
     sample,
@@ -43,7 +44,7 @@ from lora_cli.labels import (
 )
 from lora_cli.paths import write_atomic
 from lora_cli.report import console, eval_table, progress_steps
-from lora_cli.runs import base_only, load_adapted, load_run_config
+from lora_cli.runs import base_only, load_adapted, load_run_config, recorded
 from lora_cli.train import eval_batches, evaluate_loss
 
 CARD_START, CARD_END = "<!-- lora eval -->", "<!-- /lora eval -->"
@@ -190,18 +191,25 @@ def merged_for_decoding(model):
         model.unmerge_adapter()
 
 
-def trained_on(run_dir: Path, conversations: list[list[dict]]) -> int | None:
-    """How many of these eval conversations the run trained on, by the run's own data config (caps included).
-    Overrides at eval time can pick them (another file, or `dataset.eval_split=null` after training on an eval
-    file, whose "held-out" slice then comes from data the run saw), and their numbers flatter the adapter.
-    None when the run's training data can no longer be read."""
+def trained_on(run_dir: Path, conversations: list[list[dict]]) -> tuple[int | None, str | None]:
+    """How many of these eval conversations the run trained on, by the run's own data config (caps included), or
+    None and why that is unknown. Overrides at eval time can pick them (another file, or `dataset.eval_split=null`
+    after training on an eval file, whose "held-out" slice then comes from data the run saw), and their numbers
+    flatter the adapter. Files changed since training (rows added) re-draw a held-out split from rows the run
+    may have trained on, and today's files no longer say which: the data fingerprint recorded with the adapter
+    tells."""
     trained = load_run_config(run_dir, []).dataset
     try:
-        train_rows, _ = load_train_eval(trained)
-        texts = {conversation_text(to_messages(row, trained)) for row in train_rows}
-    except UserError:
-        return None
-    return sum(conversation_text(messages) in texts for messages in conversations)
+        train_rows, eval_rows = load_train_eval(trained)
+    except UserError as exc:
+        return None, f"the run's training data can no longer be read ({exc})"
+    texts = [[conversation_text(to_messages(row, trained)) for row in rows] for rows in (train_rows, eval_rows)]
+    recorded_fingerprint = recorded(run_dir / "adapter").get("dataset_fingerprint")
+    if recorded_fingerprint and recorded_fingerprint != data_fingerprint(*texts):
+        return None, (f"the run's data files changed since training (data fingerprint {recorded_fingerprint[:12]}, "
+                      f"now {data_fingerprint(*texts)[:12]})")
+    train_texts = set(texts[0])
+    return sum(conversation_text(messages) in train_texts for messages in conversations), None
 
 
 def evaluate_run(run_dir: Path, cfg: RunConfig, overrides: list[str] | None = None) -> dict:
@@ -242,11 +250,12 @@ def evaluate_run(run_dir: Path, cfg: RunConfig, overrides: list[str] | None = No
 
     samples = [{"prompt": p[-1]["content"], "gold": g, "base": b, "adapter": a}
                for p, g, b, a in zip(prompts, golds, outputs["base"], outputs["adapter"], strict=True)]
-    overlap = trained_on(run_dir, conversations)
+    overlap, unknown = trained_on(run_dir, conversations)
     split_name = eval_split_of(cfg.dataset) or f"held-out {cfg.dataset.eval_size} of {cfg.dataset.train_split}"
     report = {
         "run_dir": str(run_dir), "dataset": cfg.dataset.name, "split": split_name,
-        "examples": len(golds), "loss_examples": len(split.examples), "trained_on": overlap, "metric": metric,
+        "examples": len(golds), "loss_examples": len(split.examples), "trained_on": overlap,
+        **({"trained_on_unknown": unknown} if unknown else {}), "metric": metric,
         "label_mode": mode, "decoding": DECODING[mode],
         "labels": len(labels), "base": results["base"], "adapter": results["adapter"],
         "samples": samples[: cfg.eval.show_samples],
@@ -292,6 +301,8 @@ def update_model_card(card: Path, report: dict) -> None:
     if report.get("trained_on"):
         lines += ["", f"{report['trained_on']} of these {report['examples']} examples were in the run's training "
                   "data: these numbers flatter the adapter."]
+    if report.get("trained_on_unknown"):
+        lines += ["", f"Which of these examples the run trained on is unknown: {report['trained_on_unknown']}."]
     section = "\n".join([*lines, CARD_END])
     text = card.read_text() if card.is_file() else ""
     end = text.find(CARD_END)

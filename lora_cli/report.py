@@ -174,6 +174,10 @@ def eval_table(report: dict) -> None:
             else "evaluate on data it did not train on (the run's own eval split: leave the dataset as trained)"
         console.print(f"[yellow]warning: {report['trained_on']} of these {report['examples']} eval examples are in "
                       f"the run's training data, so the numbers flatter the adapter; {fix}[/]")
+    if report.get("trained_on_unknown"):
+        console.print(f"[yellow]warning: which of these eval examples the run trained on is unknown: "
+                      f"{escape(report['trained_on_unknown'])}; if some are, the numbers flatter the adapter (train "
+                      "again on today's files, or restore the files it trained on)[/]")
     confused = report["adapter"].get("confused")
     if confused:
         pairs = Table(title=f"most confused labels, with adapter ({mode})", title_justify="left")

@@ -499,3 +499,28 @@ def test_generate_opens_with_the_system_turn_the_training_conversations_had(tmp_
     monkeypatch.setattr("sys.stdin", io.StringIO("\ufeffI lost my card\r\nwhere is it\r\n"))
     messages, _ = opening(shared)
     assert [m["content"] for m in messages if m["role"] == "user"] == ["I lost my card", "where is it"]
+
+
+def test_eval_after_the_data_files_changed_says_it_cannot_tell_what_the_run_trained_on(tmp_path):
+    """Rows added to the training file after training: the held-out eval split is drawn again from today's rows,
+    which can hold rows the run trained on, and `trained_on` counted 0 against today's train split without a
+    word. The data fingerprint recorded with the adapter tells: trained_on is null, with the reason, on stderr,
+    in eval.json and on the card."""
+    def rows(numbers) -> str:
+        return "".join(json.dumps({"prompt": f"question {i}", "completion": f"answer {i}"}) + "\n" for i in numbers)
+
+    data, run_dir = tmp_path / "data.jsonl", tmp_path / "run"
+    data.write_text(rows(range(40)))
+    common = ["dataset=jsonl", f"dataset.path={data}", "dataset.format=columns"]
+    proc = lora("train", *TINY, *common, "trainer.max_steps=1", "trainer.eval_at_end=false",
+                f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr
+    assert lora("eval", f"run={run_dir}", *EVAL_FAST).returncode == 0
+    assert json.loads((run_dir / "eval.json").read_text())["trained_on"] == 0  # the files as trained: known
+    data.write_text(rows(range(100, 130)) + data.read_text())
+    proc = lora("eval", f"run={run_dir}", *EVAL_FAST)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["trained_on"] is None and "data files changed since training" in report["trained_on_unknown"]
+    assert "which of these eval examples the run trained on is unknown" in " ".join(proc.stderr.split())
+    assert "Which of these examples the run trained on is unknown" in (run_dir / "README.md").read_text()
