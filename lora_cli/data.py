@@ -43,6 +43,7 @@ class TokenizedSplit:
     # The system turn every conversation opens with ("" where none has one, None where they differ): what
     # `lora generate` opens its chat with, as training did.
     system_prompt: str | None = ""
+    columns_read: tuple[str, ...] = ()  # the file's columns that make the conversations (the others are not read)
 
     @property
     def tokens(self) -> int:
@@ -431,6 +432,12 @@ def _needed_columns(cfg: DatasetConfig) -> list[str]:
     return [cfg.messages_column] if cfg.format == "messages" else [cfg.prompt_column, cfg.completion_column]
 
 
+def columns_read(cfg: DatasetConfig) -> tuple[str, ...]:
+    """The columns training reads, by the names the data gives them (before dataset.rename_columns)."""
+    original = {new: old for old, new in (cfg.rename_columns or {}).items()}
+    return tuple(original.get(column, column) for column in _needed_columns(cfg))
+
+
 def _missing_columns(missing: list[str], present: list[str], cfg: DatasetConfig) -> str:
     keys = "dataset.messages_column" if cfg.format == "messages" else "dataset.prompt_column/completion_column"
     return (f"column(s) {', '.join(missing)} not found (columns present: {', '.join(present) or 'none'}); "
@@ -615,6 +622,7 @@ def prepare(cfg: DatasetConfig, tokenizer) -> tuple[TokenizedSplit, TokenizedSpl
         conversations = [to_messages(row, cfg) for row in rows]
         splits.append(tokenize_nonempty(conversations, tokenizer, cfg, where))
         splits[-1].system_prompt = shared_system_prompt(conversations)
+        splits[-1].columns_read = columns_read(cfg)
         texts.append([conversation_text(messages) for messages in conversations])
     train_texts = set(texts[0])
     splits[1].also_in_train = sum(text in train_texts for text in texts[1])

@@ -113,6 +113,7 @@ def plan(cfg: RunConfig, run_dir: Path | None = None) -> dict:
         "precision": f"{precision} (trainer.precision={cfg.trainer.precision})",
         "train_examples": len(train_split.examples), "eval_examples": len(eval_split.examples),
         "eval_also_in_train": eval_split.also_in_train,
+        "eval_columns_read": eval_split.columns_read,
         "train_tokens": train_split.tokens, "label_tokens": train_split.label_tokens,
         "truncated": train_split.truncated + eval_split.truncated,
         "dropped": train_split.dropped + eval_split.dropped, "longest": longest,

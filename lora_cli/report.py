@@ -42,15 +42,18 @@ def print_data_plan(train, evaluation, steps: int, step_size: int, epochs: float
                   f"({train.tokens:,} train tokens, {train.label_tokens:,} with labels; {skipped}) | "
                   f"{steps} steps of {step_size} examples ({epochs:g} epochs) | "
                   f"trainable params {trainable:,} of {total:,}")
-    warn_eval_in_train(evaluation.also_in_train, len(evaluation.examples))
+    warn_eval_in_train(evaluation.also_in_train, len(evaluation.examples), evaluation.columns_read)
 
 
-def warn_eval_in_train(duplicates: int, eval_examples: int) -> None:
-    """Eval numbers on examples the adapter trained on flatter it: worth a warning in the plan and in the run."""
+def warn_eval_in_train(duplicates: int, eval_examples: int, columns: tuple[str, ...]) -> None:
+    """Eval numbers on examples the adapter trained on flatter it: worth a warning in the plan and in the run. The
+    conversations are made of the columns read alone: rows that differ only in another column (an Alpaca `input`)
+    are the same conversation to the model, so the warning names what was read."""
     if duplicates:
+        read = f"the column{'s' if len(columns) > 1 else ''} read: {', '.join(columns)}; other columns are not read"
         console.print(f"[yellow]warning: {duplicates} of {eval_examples} eval examples are also in the train split "
-                      "(identical conversations), so eval loss and metrics will flatter the adapter; remove the "
-                      "duplicates from the data[/]")
+                      f"(identical conversations, from {escape(read)}), so eval loss and metrics will flatter the "
+                      "adapter; remove the duplicates from the data, or make the columns read tell the rows apart[/]")
 
 
 def format_bytes(n: float) -> str:
@@ -88,7 +91,7 @@ def print_plan(plan: dict) -> None:
     for name, value in rows:
         table.add_row(name, value)
     stdout.print(table)
-    warn_eval_in_train(plan["eval_also_in_train"], plan["eval_examples"])
+    warn_eval_in_train(plan["eval_also_in_train"], plan["eval_examples"], plan["eval_columns_read"])
 
 
 def print_summary(result: dict) -> None:

@@ -272,3 +272,19 @@ def test_glibc_accepts_the_allocator_settings():
     from lora_cli.train import keep_freed_memory
 
     assert keep_freed_memory()
+
+
+def test_the_duplicates_warning_names_the_columns_read(tmp_path):
+    """Alpaca-style rows whose instruction is the same everywhere and whose message is in `input`, a column that
+    dataset.format=columns does not read: the rows collapse into a few conversations, and the warning told the
+    user to remove duplicates the file does not have. It names the columns read, by the file's names."""
+    rows = [{"instruction": "Classify the message.", "input": f"message {i}", "output": f"label_{i % 2}"}
+            for i in range(20)]
+    data = tmp_path / "alpaca.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = lora("train", "--dry-run", *TINY, "dataset=jsonl", f"dataset.path={data}", "dataset.format=columns",
+                "+dataset.rename_columns.instruction=prompt", "dataset.completion_column=output")
+    assert proc.returncode == 0, proc.stderr
+    warning = " ".join(proc.stderr.split())
+    assert "eval examples are also in the train split" in warning
+    assert "the columns read: instruction, output; other columns are not read" in warning
