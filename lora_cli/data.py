@@ -232,6 +232,7 @@ def _scan_csv(path: Path) -> None:
     header-only file "corresponds to no data"."""
     import csv
 
+    _check_utf8_lines(path, "save it as UTF-8 (Excel: CSV UTF-8)")
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         reader = csv.reader(f)
         header = next(reader, [])
@@ -252,6 +253,17 @@ def _scan_csv(path: Path) -> None:
                                 'comma inside a cell needs the cell quoted ("Hello, I lost my card")')
     if not rows:
         raise UserError(f"dataset file {path} has a header but no data rows; add examples, one per line")
+
+
+def _check_utf8_lines(path: Path, fix: str) -> None:
+    """The first line that is not UTF-8, named: a Windows-1252 file (Excel's plain "CSV") failed with the codec's
+    byte offset alone."""
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{number}: not UTF-8 text; {fix}") from None
 
 
 def _csv_as_text(path: Path) -> dict:
