@@ -92,7 +92,10 @@ def check_launcher(run: RunConfig) -> None:
     trainer = run.trainer
     if trainer.launcher is not None:
         check_launcher_file(run)
-    check_gpus(trainer.num_processes // trainer.num_machines, f"trainer.num_processes={trainer.num_processes}")
+    if world_size() > 1:  # `accelerate launch` by hand: what it started on this machine, whatever the config says
+        check_gpus(processes_on_this_machine(), "this launch")
+    else:
+        check_gpus(trainer.num_processes // trainer.num_machines, f"trainer.num_processes={trainer.num_processes}")
 
 
 def check_launcher_file(run: RunConfig) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lora_cli.config import ModelConfig
-from lora_cli.errors import UserError
+from lora_cli.errors import UserError, first_line
 from lora_cli.paths import cache_dir, locked, publish, staging_dir
 
 SOURCE_FILE = "lora_cli_source.json"  # written last into a cache entry: its presence means "complete"
@@ -149,11 +149,16 @@ def _build_random_llama(cfg: ModelConfig, tokenizer_dir: Path, out: Path) -> Non
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **cfg.architecture)
     torch.manual_seed(cfg.init_seed)
-    LlamaForCausalLM(config).save_pretrained(out)
+    try:  # the keys are the user's (`+model.architecture.rope_scaling.type=linear` without its factor)
+        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                             **cfg.architecture)
+        model = LlamaForCausalLM(config)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise UserError(f"model.architecture is not a Llama config that transformers accepts ({first_line(exc)}); "
+                        "fix or drop the keys it names") from None
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 

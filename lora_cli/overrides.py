@@ -102,11 +102,15 @@ def check_key(cfg, key: str, help_command: str = "train") -> None:
 def check_addable(cfg, key: str) -> None:
     """`+KEY=VALUE` adds a key where the config has free-form entries (`+dataset.rename_columns.OLD=NEW`); under a
     typed group every key already exists, so a `+` key there is a typo that would be dropped without a word, and
-    under a null or missing node (`+adapter.scale.init` without adapter=slora) there is nothing to add it to."""
+    under a key that is null (`+adapter.scale.init` without adapter=slora) there is nothing to add it to. Under a
+    free-form map, nested entries are the map's (`+model.architecture.rope_scaling.type=linear`)."""
     from omegaconf import DictConfig, OmegaConf
 
-    parent = OmegaConf.select(cfg, key.rsplit(".", 1)[0]) if "." in key else cfg
-    if not isinstance(parent, DictConfig) or OmegaConf.get_type(parent) not in (dict, None):
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    while parent and not _key_exists(cfg, parent):  # the nearest node that exists
+        parent = parent.rsplit(".", 1)[0] if "." in parent else ""
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    if not isinstance(node, DictConfig) or OmegaConf.get_type(node) not in (dict, None):
         check_key(cfg, key)
 
 

@@ -116,6 +116,20 @@ def test_more_processes_than_gpus_is_one_line_not_nccls_traceback(tmp_path, monk
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+def test_a_launch_by_hand_over_machines_checks_the_processes_on_this_one(monkeypatch):
+    """`accelerate launch` by hand on 2 machines of 1 GPU, one process each: the run takes trainer.num_processes=2
+    from the launch, and the GPU check counted both on this machine (refused: "starts 2 processes on this
+    machine"). It counts what the launch started here."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    launched.check_launcher(compose_run([*TINY, "trainer.num_processes=2"]))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="this launch starts 2 processes on this machine"):
+        launched.check_launcher(compose_run([*TINY, "trainer.num_processes=2"]))
+
+
 def test_deepspeed_without_its_package_says_how_to_install_it(monkeypatch):
     import importlib.util
 
